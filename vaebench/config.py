@@ -1,0 +1,176 @@
+"""Frozen configuration dataclasses.
+
+Every run is fully described by a :class:`ModelConfig` and a :class:`TrainConfig`; both are
+immutable, validated on construction, and round-trip through JSON (``to_dict`` /
+``from_dict``) so that a run directory's ``config.json`` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vaebench.errors import ConfigError
+
+ACTIVATIONS = ("tanh", "relu", "softplus", "elu")
+DECODERS = ("mlp", "linear")
+LIKELIHOODS = ("bernoulli", "gaussian")
+METHODS = ("vi", "iwae")
+VI_OBJECTIVES = ("trace", "meanfield")
+DTYPES = ("float32", "float64")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    _check(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    kwargs = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and isinstance(kwargs[f.name], list):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the generative model p_θ(x|z)p(z) and of the encoder q_φ(z|x).
+
+    Parameters
+    ----------
+    data_dim
+        Number of observed dimensions P (pixels).
+    latent_dim
+        Latent dimension D; the prior is p(z) = N(0, I_D).
+    hidden
+        Hidden-layer widths of the MLP decoder (ignored by the linear decoder).
+    activation
+        Hidden non-linearity: one of ``tanh`` (Burda et al. 2016), ``relu``, ``softplus``, ``elu``.
+    decoder
+        ``mlp`` or ``linear`` (x-parameters = W z + b).
+    likelihood
+        ``bernoulli`` (binary data; the decoder outputs logits) or ``gaussian``.
+    gaussian_scale
+        Fixed observation standard deviation for the Gaussian likelihood; ``None`` learns one
+        scale per observed dimension.
+    encoder
+        Whether the model has an amortised encoder (``False`` for HMC-trained decoders).
+    encoder_hidden
+        Encoder hidden widths; ``None`` mirrors ``hidden``.
+    """
+
+    data_dim: int
+    latent_dim: int = 50
+    hidden: tuple[int, ...] = (200, 200)
+    activation: str = "tanh"
+    decoder: str = "mlp"
+    likelihood: str = "bernoulli"
+    gaussian_scale: float | None = None
+    encoder: bool = True
+    encoder_hidden: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.data_dim >= 1, f"data_dim must be >= 1, got {self.data_dim}")
+        _check(1 <= self.latent_dim <= 4096, f"latent dimension must be in 1..4096, got {self.latent_dim}")
+        _check(all(h >= 1 for h in self.hidden), f"hidden sizes must be positive, got {self.hidden}")
+        _check(self.activation in ACTIVATIONS,
+               f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        _check(self.decoder in DECODERS, f"unknown decoder {self.decoder!r}; choose from {', '.join(DECODERS)}")
+        _check(self.likelihood in LIKELIHOODS,
+               f"unknown likelihood {self.likelihood!r}; choose from {', '.join(LIKELIHOODS)}")
+        _check(self.gaussian_scale is None or self.gaussian_scale > 0,
+               f"gaussian scale must be positive, got {self.gaussian_scale}")
+        if self.encoder_hidden is not None:
+            _check(all(h >= 1 for h in self.encoder_hidden),
+                   f"encoder hidden sizes must be positive, got {self.encoder_hidden}")
+
+    @property
+    def resolved_encoder_hidden(self) -> tuple[int, ...]:
+        """Encoder widths: ``encoder_hidden`` or, by default, the mirror of ``hidden``."""
+        return self.hidden if self.encoder_hidden is None else self.encoder_hidden
+
+    @property
+    def is_linear_gaussian(self) -> bool:
+        """True when log p_θ(x) and p_θ(z|x) are available in closed form."""
+        return self.decoder == "linear" and self.likelihood == "gaussian"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How θ (and φ) are learned.
+
+    Parameters
+    ----------
+    method
+        ``vi`` (single-sample ELBO), ``iwae`` (importance-weighted bound with ``k`` particles) or
+        ``hmc`` (Monte Carlo EM on persistent HMC chains; no encoder).
+    dataset
+        Dataset name understood by :func:`vaebench.data.load_dataset`.
+    epochs, batch_size, lr, seed
+        Adam optimisation settings and the one seed that reproduces the run.
+    k
+        Number of importance samples for ``iwae`` (ignored by ``vi``).
+    vi_objective
+        ``trace`` (Pyro ``Trace_ELBO``) or ``meanfield`` (``TraceMeanField_ELBO``, analytic KL).
+    dreg
+        Doubly-reparameterised encoder gradients for ``iwae`` (Tucker et al. 2019).
+    lr_schedule
+        ``constant`` or ``burda`` (lr·10^(-i/7) for 3^i epochs, i = 0..7; Burda et al. 2016).
+    adam_eps
+        Adam's ε (Burda et al. use 1e-4).
+    data_dir
+        Directory with IDX files for ``mnist``/``fashion-mnist`` (``None``: environment/default).
+    dtype, device
+        Floating-point precision and torch device (``auto`` picks CUDA when available).
+    """
+
+    method: str = "vi"
+    dataset: str = "digits"
+    epochs: int = 10
+    batch_size: int = 100
+    k: int = 1
+    lr: float = 1e-3
+    seed: int = 0
+    vi_objective: str = "trace"
+    dreg: bool = False
+    lr_schedule: str = "constant"
+    adam_eps: float = 1e-4
+    data_dir: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        _check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _check(1 <= self.k <= 100_000, f"k must be in 1..100000, got {self.k}")
+        _check(self.lr > 0 and self.lr < 10, f"learning rate must be in (0, 10), got {self.lr}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(self.vi_objective in VI_OBJECTIVES,
+               f"unknown VI objective {self.vi_objective!r}; choose from {', '.join(VI_OBJECTIVES)}")
+        _check(not (self.dreg and self.method != "iwae"), "--dreg applies to --method iwae only")
+        _check(self.lr_schedule in ("constant", "burda"),
+               f"unknown learning-rate schedule {self.lr_schedule!r}; choose constant or burda")
+        _check(self.adam_eps > 0, f"adam eps must be positive, got {self.adam_eps}")
+        _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        _check(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
+               f"unknown device {self.device!r}; choose cpu, cuda, cuda:N or auto")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
