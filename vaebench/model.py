@@ -150,8 +150,8 @@ class VAE(nn.Module):
         trace.compute_log_prob()
         return trace.nodes["z"]["log_prob"], trace.nodes["x"]["log_prob"]
 
-    def log_prior(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log p(z), ``[..., n]`` (``x`` fixes the plate size)."""
+    def log_prior(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(z), ``[..., n]`` (``x`` only fixes the plate size)."""
         return self.site_log_probs(x, z)[0]
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
