@@ -135,7 +135,7 @@ class VAE(nn.Module):
         return self.inference_network(x)
 
     def inference_network(self, x: torch.Tensor, detach_parameters: bool = False) -> torch.Tensor:
-        """q_φ(z|x) in the ``data`` plate; ``detach_parameters`` stops gradients through μ, σ (DReG)."""
+        """q_φ(z|x) in the ``data`` plate; ``detach_parameters`` cuts μ, σ from the graph."""
         loc, scale = self._require_encoder()(x)
         if detach_parameters:
             loc, scale = loc.detach(), scale.detach()
@@ -167,19 +167,26 @@ class VAE(nn.Module):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``k`` reparameterised samples from q_φ(z|x), traced from the guide.
 
+        With ``detach_parameters`` the samples stay reparameterised (gradients flow to φ through
+        z) but their log-density is evaluated with μ, σ cut from the graph, as DReG requires.
+
         Returns
         -------
         z : Tensor ``[k, n, latent_dim]``
         log_q : Tensor ``[k, n]``
         """
         with pyro.plate("particles", k, dim=-2):
-            trace = poutine.trace(self.inference_network).get_trace(x, detach_parameters)
+            trace = poutine.trace(self.inference_network).get_trace(x)
+        z = trace.nodes["z"]["value"]
+        if detach_parameters:
+            return z, self.log_q(x, z, detach_parameters=True)
         trace.compute_log_prob()
-        return trace.nodes["z"]["value"], trace.nodes["z"]["log_prob"]
+        return z, trace.nodes["z"]["log_prob"]
 
-    def log_q(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def log_q(self, x: torch.Tensor, z: torch.Tensor, detach_parameters: bool = False) -> torch.Tensor:
         """log q_φ(z|x), ``[..., n]``, from a trace of the guide conditioned on ``z``."""
-        trace = poutine.trace(poutine.condition(self.inference_network, data={"z": z})).get_trace(x)
+        conditioned = poutine.condition(self.inference_network, data={"z": z})
+        trace = poutine.trace(conditioned).get_trace(x, detach_parameters)
         trace.compute_log_prob()
         return trace.nodes["z"]["log_prob"]
 
