@@ -63,3 +63,10 @@ def test_corrupt_or_incomplete_run_directories(tmp_path):
     (out / "config.json").unlink()
     with pytest.raises(RunDirError, match="not a run directory"):
         load_run(out)
+
+
+def test_missing_parent_directories_are_created(tmp_path):
+    out = tmp_path / "runs" / "deep" / "run"
+    with staged_directory(out) as staging:
+        (staging / "x").write_text("1")
+    assert (out / "x").read_text() == "1"

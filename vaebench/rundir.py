@@ -57,8 +57,8 @@ def check_destination(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunDirError(f"run directory {out} already exists and is not empty; choose another --out "
                           "or pass --overwrite")
-    if not out.parent.exists():
-        raise RunDirError(f"parent directory {out.parent} of {out} does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise RunDirError(f"{out.parent} is not a directory")
     return out
 
 
@@ -66,6 +66,7 @@ def check_destination(out: str | os.PathLike, overwrite: bool) -> Path:
 def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory that becomes ``out`` on success and vanishes on any failure."""
     out = check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
