@@ -16,8 +16,8 @@ import pyro
 import torch
 
 from vaebench import targets
-from vaebench.data import evaluation_data, load_dataset
-from vaebench.errors import ConfigError
+from vaebench.data import check_binary, evaluation_data, load_dataset
+from vaebench.errors import ConfigError, DataError
 from vaebench.estimators import DEFAULT_MAX_ROWS, elbo, importance_sampling, mean_and_stderr, over_batches
 from vaebench.metrics import active_units
 from vaebench.model import VAE
@@ -90,6 +90,10 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
         raise ConfigError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
     if settings.k is not None and settings.k < 1:
         raise ConfigError(f"k must be >= 1, got {settings.k}")
+    if model.config.likelihood == "bernoulli":
+        check_binary(x, "evaluation data")
+    elif not torch.isfinite(x).all():
+        raise DataError("evaluation data contains NaN or infinite values")
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
