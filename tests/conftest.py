@@ -39,6 +39,15 @@ def linear_gaussian() -> tuple[VAE, torch.Tensor]:
     return model, simulate(model, 200)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests' networks are tiny: one thread avoids OpenMP overhead on small shared machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
     import pyro

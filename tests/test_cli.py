@@ -116,3 +116,13 @@ def test_console_script_exit_status():
                              "elbo"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "vaebench: error: run directory /nonexistent/run does not exist"
+
+
+def test_same_seed_reproduces_the_trained_weights(tmp_path):
+    import torch
+    for name in ("a", "b"):
+        assert cli.main(["train", "--method", "vi", "--dataset", "digits", "--seed", "7",
+                         "--out", str(tmp_path / name), *TINY]) == 0
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -71,7 +71,7 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="learn θ (and φ) with vi or iwae and write a run directory",
+    p = sub.add_parser("train", help="learn θ (and φ) with vi, iwae or hmc and write a run directory",
                        description="Train the model and write RUN_DIR (config.json, model.pt, log.jsonl).")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--dataset", required=True, choices=DATASETS)
@@ -95,6 +95,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vi-objective", choices=("trace", "meanfield"), default="trace",
                    help="Trace_ELBO, or TraceMeanField_ELBO (analytic KL)")
     p.add_argument("--dreg", action="store_true", help="doubly-reparameterised encoder gradients (iwae)")
+    p.add_argument("--transitions", type=_positive_int, default=None,
+                   help="hmc: HMC transitions per minibatch from the stored latents (default 3)")
+    p.add_argument("--leapfrog", type=_positive_int, default=None,
+                   help="hmc: leapfrog steps per HMC transition (default 10)")
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--data-dir", default=None, help="directory of IDX files (mnist, fashion-mnist)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -106,13 +110,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from vaebench.data import load_dataset
-    from vaebench.model import VAE
     from vaebench.provenance import provenance, resolve_device
     from vaebench.rundir import check_destination, staged_directory, write_run
-    from vaebench.training import train
+    from vaebench.training import initial_model, train
 
     if args.method == "vi" and args.k not in (None, 1):
         raise VaebenchError("--k applies to --method iwae (vi uses the single-sample ELBO)")
+    if args.method == "hmc" and args.k is not None:
+        raise VaebenchError("--k applies to --method iwae (hmc samples the posterior; see --transitions)")
+    if args.method == "hmc" and args.encoder_hidden is not None:
+        raise VaebenchError("--encoder-hidden does not apply to --method hmc (it learns the decoder without an "
+                            "encoder)")
+    if args.method != "hmc" and (args.transitions is not None or args.leapfrog is not None):
+        raise VaebenchError("--transitions and --leapfrog apply to --method hmc")
     check_destination(args.out, args.overwrite)
     dataset = load_dataset(args.dataset, args.data_dir)
     real_valued = dataset.kind == "real"
@@ -122,15 +132,18 @@ def _run_train(args: argparse.Namespace) -> int:
         hidden=args.hidden, activation=args.activation,
         decoder=args.decoder or ("linear" if args.dataset == "linear-gaussian" else "mlp"),
         likelihood=args.likelihood or ("gaussian" if real_valued else "bernoulli"),
-        gaussian_scale=args.gaussian_scale, encoder_hidden=args.encoder_hidden)
+        gaussian_scale=args.gaussian_scale, encoder_hidden=args.encoder_hidden, encoder=args.method != "hmc")
+    hmc_settings = {key: value for key, value in (("hmc_transitions", args.transitions),
+                                                  ("hmc_leapfrog", args.leapfrog)) if value is not None}
     train_config = TrainConfig(
         method=args.method, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
         k=args.k or (5 if args.method == "iwae" else 1), lr=args.lr, seed=args.seed,
         vi_objective=args.vi_objective, dreg=args.dreg, lr_schedule=args.lr_schedule,
-        data_dir=args.data_dir, dtype=args.dtype, device=args.device)
+        data_dir=args.data_dir, dtype=args.dtype, device=args.device, **hmc_settings)
     device = resolve_device(train_config.device)
     with staged_directory(args.out, args.overwrite) as staging:
-        result = train(VAE(model_config), dataset, train_config, progress=not args.quiet)
+        result = train(initial_model(model_config, train_config.seed), dataset, train_config,
+                       progress=not args.quiet)
         last = result.history[-1] if result.history else {}
         summary = {"seconds": result.seconds, "gradient_evaluations": result.gradient_evaluations,
                    **{key: last[key] for key in ("train_bound", "test_elbo", "test_elbo_stderr") if key in last}}
@@ -157,21 +170,40 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=100, help="datapoints per batch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="T",
+                   help="ais/bdmc: annealing steps (default 500)")
+    p.add_argument("--leapfrog", type=_positive_int, default=None, metavar="L",
+                   help="ais/bdmc: leapfrog steps per HMC transition (default 10)")
+    p.add_argument("--chains", type=_positive_int, default=None, metavar="M",
+                   help="ais/bdmc: chains per datapoint (default 16)")
+    p.add_argument("--schedule", choices=("sigmoid", "linear"), default=None,
+                   help="ais/bdmc: spacing of the inverse temperatures (default sigmoid)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from vaebench.evaluation import EstimatorSettings, evaluate_run
+    from vaebench.config import AISConfig
+    from vaebench.evaluation import AIS_ESTIMATORS, EstimatorSettings, evaluate_run
 
+    ais_flags = {key: value for key, value in (("steps", args.steps), ("leapfrog", args.leapfrog),
+                                                ("chains", args.chains), ("schedule", args.schedule))
+                 if value is not None}
+    if ais_flags and args.estimator not in AIS_ESTIMATORS:
+        raise VaebenchError(f"--{', --'.join(ais_flags)} apply to --estimator ais or bdmc, not {args.estimator}")
+    ais_config = AISConfig(**ais_flags) if args.estimator in AIS_ESTIMATORS else None
     result = evaluate_run(args.run_dir, args.estimator, args.split,
-                          EstimatorSettings(k=args.k, batch_size=args.batch_size), args.seed, args.device)
+                          EstimatorSettings(k=args.k, batch_size=args.batch_size, ais=ais_config), args.seed,
+                          args.device)
     if args.json:
         print(json.dumps(result))
         return 0
     k = f" K={result['k']}" if result["k"] is not None else ""
     ess = f", ESS mean {result['ess_mean']:.1f}" if "ess_mean" in result else ""
     units = f", {result['active_units']} active units" if "active_units" in result else ""
+    if result["estimator"] == "bdmc":
+        units += (f"; BDMC on {result['n']} simulated datapoints: lower {result['lower']:.3f}, "
+                  f"upper {result['upper']:.3f}, gap {result['gap']:.3f} ± {result['gap_stderr']:.3f} nats")
     print(f"{result['estimator']}{k} on {result['dataset']}/{result['split']} (n={result['n']}): "
           f"log p(x) ≈ {result['log_likelihood']:.3f} ± {result['stderr']:.3f} nats{ess}{units}, "
           f"{result['seconds']:.1f} s")
@@ -180,6 +212,148 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
 """Each adds one sub-command; its parser sets ``handler(args) -> exit status``."""
+
+
+# -------------------------------------------------------------------------- compare, table, report
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from vaebench.compare import PUBLIC_PRESETS
+
+    p = sub.add_parser("compare", help="train vi, iwae and hmc on the same data and score them all the same way",
+                       description="Train every method with the same architecture, data and seeds; score each "
+                                   "decoder with the same estimators; study the vi model's inference gaps, "
+                                   "aggregate posterior and gradient variance. Appends records to RESULTS_DIR; "
+                                   "rerunning the same command resumes an interrupted compare.")
+    p.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results directory (created or resumed)")
+    p.add_argument("--preset", default="quick", metavar="|".join(PUBLIC_PRESETS),
+                   help="quick: offline digits, minutes on a CPU (default); paper: Burda et al.'s MNIST protocol")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (preset: 0,1,2)")
+    p.add_argument("--methods", type=_name_list, default=None, help="subset of vi,iwae,hmc (default: all three)")
+    p.add_argument("--k", type=_int_list, default=None, help="K of each iwae run (default 5,50)")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="override the preset's data set")
+    p.add_argument("--data-dir", default=None, help="directory of IDX files (mnist, fashion-mnist)")
+    p.add_argument("--epochs", type=_non_negative_int, default=None, help="override the preset's epochs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (preset default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import time
+
+    from vaebench.compare import Comparison, preset
+    from vaebench.results import read_records
+    from vaebench.tables import format_table
+
+    cfg = preset(args.preset, seeds=args.seeds, methods=args.methods, iwae_ks=args.k, dataset=args.dataset,
+                 data_dir=args.data_dir, epochs=args.epochs, device=args.device)
+    comparison = Comparison(cfg, args.out, progress=not args.quiet)
+    start = time.perf_counter()
+    try:
+        ran = comparison.run()
+    except KeyboardInterrupt:
+        print(f"vaebench: compare interrupted; finished stages are kept in {args.out}; rerun the same command "
+              "to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_table(read_records(args.out), "markdown"))
+    skipped = len(comparison.stages) - len(ran)
+    resumed = f" ({skipped} already done, resumed)" if skipped else ""
+    print(f"compare: {len(ran)} stages in {time.perf_counter() - start:.0f} s{resumed}; records in {args.out}")
+    return 0
+
+
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    from vaebench.tables import COLUMNS, DEFAULT_BY, DEFAULT_COLUMNS, FORMATS
+
+    p = sub.add_parser("table", help="print the comparison table of a results directory",
+                       description="Mean ± standard error across seeds of every method's test log-likelihood "
+                                   "(AIS, IS), ELBO, gap, active units and training time.")
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
+    p.add_argument("--format", choices=FORMATS, default="markdown")
+    p.add_argument("--by", type=_name_list, default=DEFAULT_BY,
+                   help=f"grouping columns (default {','.join(DEFAULT_BY)}), e.g. method")
+    p.add_argument("--columns", type=_name_list, default=DEFAULT_COLUMNS,
+                   help=f"columns to show, from {','.join(COLUMNS)}")
+    p.set_defaults(handler=_run_table)
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    from vaebench.results import read_records
+    from vaebench.tables import format_table
+
+    print(format_table(read_records(args.results_dir), args.format, args.by, args.columns), end="")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a Markdown report with tables and PNG figures",
+                       description="Write DIR/report.md, DIR/table.{md,tex,csv} and DIR/figures/*.png from "
+                                   "the records of RESULTS_DIR.")
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="report directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from vaebench.report import write_report
+
+    skipped = write_report(args.results_dir, args.out, args.overwrite)
+    for line in skipped:
+        print(f"not drawn: {line}", file=sys.stderr)
+    print(f"wrote {args.out}/report.md")
+    return 0
+
+
+COMMANDS += [_add_compare, _add_table, _add_report]
+
+
+# ------------------------------------------------------------------------------------ asv-table
+def _add_asv_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("asv-table", help="print asv's benchmark results as a table",
+                       description="Load asv's result files (one row per machine, commit, benchmark and "
+                                   "parameters: benchmark, params, value, unit, status, commit, machine, date) "
+                                   "and print them.")
+    p.add_argument("results_dir", metavar="RESULTS_DIR", nargs="?", default=".asv/results",
+                   help="asv results directory (default .asv/results)")
+    p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    p.add_argument("--benchmark", default=None, metavar="TEXT", help="keep benchmarks whose name contains TEXT")
+    p.add_argument("--include-skipped", action="store_true",
+                   help="also list parameter combinations asv skipped (e.g. cuda without a GPU)")
+    p.set_defaults(handler=_run_asv_table)
+
+
+def _run_asv_table(args: argparse.Namespace) -> int:
+    from vaebench.asv_results import format_table, load_asv_results
+
+    table = load_asv_results(args.results_dir)
+    if not args.include_skipped:
+        table = table[table["status"] != "skipped"]
+    if args.benchmark is not None:
+        table = table[table["benchmark"].str.contains(args.benchmark, regex=False)]
+    if table.empty:
+        raise VaebenchError(f"no asv results in {args.results_dir} match the selection")
+    print(format_table(table, args.format), end="" if args.format == "csv" else "\n")
+    return 0
+
+
+COMMANDS.append(_add_asv_table)
 
 
 def build_parser() -> argparse.ArgumentParser:

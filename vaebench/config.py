@@ -16,7 +16,8 @@ from vaebench.errors import ConfigError
 ACTIVATIONS = ("tanh", "relu", "softplus", "elu")
 DECODERS = ("mlp", "linear")
 LIKELIHOODS = ("bernoulli", "gaussian")
-METHODS = ("vi", "iwae")
+METHODS = ("vi", "iwae", "hmc")
+AIS_SCHEDULES = ("sigmoid", "linear")
 VI_OBJECTIVES = ("trace", "meanfield")
 DTYPES = ("float32", "float64")
 
@@ -134,6 +135,9 @@ class TrainConfig:
         Directory with IDX files for ``mnist``/``fashion-mnist`` (``None``: environment/default).
     dtype, device
         Floating-point precision and torch device (``auto`` picks CUDA when available).
+    hmc_transitions, hmc_leapfrog
+        For ``hmc``: HMC transitions per minibatch from the stored latents, and leapfrog steps
+        per transition.
     """
 
     method: str = "vi"
@@ -150,6 +154,8 @@ class TrainConfig:
     data_dir: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    hmc_transitions: int = 3
+    hmc_leapfrog: int = 10
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
@@ -167,10 +173,130 @@ class TrainConfig:
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         _check(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
                f"unknown device {self.device!r}; choose cpu, cuda, cuda:N or auto")
+        _check(1 <= self.hmc_transitions <= 1000,
+               f"HMC transitions per minibatch must be in 1..1000, got {self.hmc_transitions}")
+        _check(1 <= self.hmc_leapfrog <= 1000, f"leapfrog steps must be in 1..1000, got {self.hmc_leapfrog}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class HMCConfig:
+    """Batched HMC on p_θ(z|x) (:func:`vaebench.inference.hmc.sample`).
+
+    Parameters
+    ----------
+    num_warmup
+        Warm-up iterations per chain: the step size (and optionally the mass matrix) is adapted,
+        then frozen; warm-up draws are discarded.
+    num_samples
+        Kept iterations per chain after warm-up.
+    num_leapfrog
+        Leapfrog steps L per transition.
+    chains
+        Independent chains M per datapoint.
+    target_accept
+        Dual-averaging target for the Metropolis acceptance probability (Hoffman & Gelman 2014).
+    initial_step_size
+        Starting step size; ``None`` searches one per chain (doubling/halving until the
+        acceptance probability of one leapfrog step crosses 1/2).
+    adapt_mass
+        Estimate a diagonal inverse mass matrix per chain from the middle of warm-up.
+    step_size_jitter
+        Each transition uses ε·U(1 − j, 1 + j) to break periodic trajectories (Neal 2011, §5.4.2.2).
+    divergence_threshold
+        A trajectory whose energy error exceeds this (nats), or becomes non-finite, is divergent
+        and rejected.
+    """
+
+    num_warmup: int = 500
+    num_samples: int = 500
+    num_leapfrog: int = 10
+    chains: int = 1
+    target_accept: float = 0.8
+    initial_step_size: float | None = None
+    adapt_mass: bool = True
+    step_size_jitter: float = 0.5
+    divergence_threshold: float = 1000.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_warmup >= 0, f"warm-up iterations must be >= 0, got {self.num_warmup}")
+        _check(self.num_samples >= 1, f"samples must be >= 1, got {self.num_samples}")
+        _check(1 <= self.num_leapfrog <= 1000, f"leapfrog steps must be in 1..1000, got {self.num_leapfrog}")
+        _check(1 <= self.chains <= 100_000, f"chains per datapoint must be in 1..100000, got {self.chains}")
+        _check(0 < self.target_accept < 1, f"target acceptance must be in (0, 1), got {self.target_accept}")
+        _check(self.initial_step_size is None or self.initial_step_size > 0,
+               f"initial step size must be positive, got {self.initial_step_size}")
+        _check(0 <= self.step_size_jitter < 1, f"step-size jitter must be in [0, 1), got {self.step_size_jitter}")
+        _check(self.divergence_threshold > 0,
+               f"divergence threshold must be positive, got {self.divergence_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HMCConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class AISConfig:
+    """Annealed importance sampling of log p_θ(x) (:func:`vaebench.inference.ais.ais`).
+
+    Parameters
+    ----------
+    steps
+        Annealing steps T: inverse temperatures 0 = β_0 < β_1 < ... < β_T = 1.
+    leapfrog
+        Leapfrog steps L per HMC transition (one transition per intermediate distribution).
+    chains
+        Independent AIS chains M per datapoint; log p̂(x) is the log-mean-exp of their weights.
+    schedule
+        ``sigmoid`` (Grosse et al. 2013; Wu et al. 2017) or ``linear`` spacing of β.
+    sigmoid_delta
+        Steepness δ of the sigmoidal schedule.
+    target_accept
+        Per-chain step sizes are adapted toward this acceptance probability.
+    adaptation_rate
+        Gain g of the per-transition update log ε ← log ε + g(ᾱ − target).
+    tuning_chains
+        Extra chains K per datapoint that only drive the step-size adaptation (their weights are
+        discarded, so the M weighted chains stay exactly unbiased).
+    divergence_threshold
+        Energy error (nats) beyond which a trajectory is divergent and rejected.
+    """
+
+    steps: int = 500
+    leapfrog: int = 10
+    chains: int = 16
+    schedule: str = "sigmoid"
+    sigmoid_delta: float = 4.0
+    target_accept: float = 0.65
+    adaptation_rate: float = 0.2
+    tuning_chains: int = 2
+    divergence_threshold: float = 1000.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.steps <= 1_000_000, f"AIS steps must be in 1..1000000, got {self.steps}")
+        _check(1 <= self.leapfrog <= 1000, f"leapfrog steps must be in 1..1000, got {self.leapfrog}")
+        _check(1 <= self.chains <= 100_000, f"chains per datapoint must be in 1..100000, got {self.chains}")
+        _check(self.schedule in AIS_SCHEDULES,
+               f"unknown AIS schedule {self.schedule!r}; choose from {', '.join(AIS_SCHEDULES)}")
+        _check(self.sigmoid_delta > 0, f"sigmoid delta must be positive, got {self.sigmoid_delta}")
+        _check(0 < self.target_accept < 1, f"target acceptance must be in (0, 1), got {self.target_accept}")
+        _check(0 <= self.adaptation_rate <= 10, f"adaptation rate must be in [0, 10], got {self.adaptation_rate}")
+        _check(1 <= self.tuning_chains <= 1000, f"tuning chains must be in 1..1000, got {self.tuning_chains}")
+        _check(self.divergence_threshold > 0,
+               f"divergence threshold must be positive, got {self.divergence_threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AISConfig":
         return _from_dict(cls, data)

@@ -16,6 +16,7 @@ import pyro
 import torch
 
 from vaebench import targets
+from vaebench.config import AISConfig
 from vaebench.data import check_binary, evaluation_data, load_dataset
 from vaebench.errors import ConfigError, DataError
 from vaebench.estimators import DEFAULT_MAX_ROWS, elbo, importance_sampling, mean_and_stderr, over_batches
@@ -39,11 +40,15 @@ class EstimatorSettings:
         Datapoints per batch.
     max_rows
         Cap on (sample × datapoint) rows per decoder call (bounds memory).
+    ais
+        Settings of ``ais`` and ``bdmc`` (steps T, leapfrog L, chains M, schedule...);
+        ``None`` for the defaults of :class:`vaebench.config.AISConfig`.
     """
 
     k: int | None = None
     batch_size: int = 100
     max_rows: int = DEFAULT_MAX_ROWS
+    ais: AISConfig | None = None
 
 
 Estimator = Callable[[VAE, torch.Tensor, EstimatorSettings], tuple[torch.Tensor, dict[str, Any]]]
@@ -75,6 +80,50 @@ ESTIMATORS: dict[str, Estimator] = {"elbo": _elbo, "iwae": _iwae, "exact": _exac
 """Estimator name → function; later capabilities register theirs here."""
 
 
+# ------------------------------------------------------------------------------ AIS and BDMC
+AIS_ESTIMATORS = ("ais", "bdmc")
+ENCODER_ESTIMATORS = ("elbo", "iwae")
+"""Estimators that need q_φ(z|x); a decoder trained with ``--method hmc`` has none."""
+
+
+def _ais_setup(name: str, x: torch.Tensor, s: EstimatorSettings) -> tuple[AISConfig, torch.Generator]:
+    """The AIS settings and a generator seeded from the global RNG (which :func:`evaluate` seeds)."""
+    if s.k is not None:
+        raise ConfigError(f"--k does not apply to the {name} estimator; use --chains for chains per datapoint")
+    seed = int(torch.randint(0, 2 ** 62, (1,)))
+    return s.ais or AISConfig(), torch.Generator(device=x.device).manual_seed(seed)
+
+
+def _ais(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+    from vaebench.inference.ais import ais
+
+    config, generator = _ais_setup("ais", x, s)
+    result = ais(model, x, config, generator, s.batch_size)
+    return result.log_marginal, {"k": None, **config.to_dict(), **result.summary()}
+
+
+def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+    """BDMC on ``len(x)`` datapoints simulated from the model (``x`` only fixes how many)."""
+    from vaebench.inference.ais import bdmc, simulate
+
+    config, generator = _ais_setup("bdmc", x, s)
+    x_sim, z_sim = simulate(model, x.shape[0])
+    result = bdmc(model, x_sim, z_sim, config, generator, s.batch_size)
+    lower, lower_se = mean_and_stderr(result.lower.log_marginal)
+    upper, upper_se = mean_and_stderr(result.upper.log_marginal)
+    gap, gap_se = mean_and_stderr(result.gap)
+    extra: dict[str, Any] = {
+        "k": None, **config.to_dict(), "data": "simulated from the model", "lower": lower,
+        "lower_stderr": lower_se, "upper": upper, "upper_stderr": upper_se, "gap": gap, "gap_stderr": gap_se,
+        **result.lower.summary(), **{f"upper_{key}": value for key, value in result.upper.summary().items()}}
+    if model.config.is_linear_gaussian:
+        extra["exact"], extra["exact_stderr"] = mean_and_stderr(targets.exact_log_marginal(model, x_sim))
+    return result.lower.log_marginal, extra
+
+
+ESTIMATORS.update({"ais": _ais, "bdmc": _bdmc})
+
+
 def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSettings = EstimatorSettings(),
              seed: int = 0) -> dict[str, Any]:
     """Score ``model`` on data ``x`` with ``estimator``.
@@ -90,6 +139,11 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
         raise ConfigError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
     if settings.k is not None and settings.k < 1:
         raise ConfigError(f"k must be >= 1, got {settings.k}")
+    if estimator in ENCODER_ESTIMATORS:
+        model._require_encoder()            # before any Pyro trace, which would append its shapes to the message
+    if settings.ais is not None and estimator not in AIS_ESTIMATORS:
+        raise ConfigError(f"AIS settings (--steps, --leapfrog, --chains, --schedule) apply to --estimator ais or "
+                          f"bdmc, not {estimator}")
     if model.config.likelihood == "bernoulli":
         check_binary(x, "evaluation data")
     elif not torch.isfinite(x).all():

@@ -17,7 +17,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from vaebench.config import TrainConfig
+from vaebench.config import ModelConfig, TrainConfig
 from vaebench.data import Dataset, binarize, check_compatible, evaluation_data
 from vaebench.errors import TrainingDivergedError
 from vaebench.estimators import elbo, mean_and_stderr
@@ -38,12 +38,21 @@ class TrainResult:
     gradient_evaluations: int
 
 
+def initial_model(model_config: ModelConfig, seed: int) -> VAE:
+    """A freshly initialised :class:`VAE` whose initial weights are fixed by ``seed``."""
+    pyro.set_rng_seed(seed)
+    return VAE(model_config)
+
+
 def make_objective(config: TrainConfig) -> Objective:
     """The objective of ``config.method``."""
     if config.method == "vi":
         return elbo_objective(analytic_kl=config.vi_objective == "meanfield")
     if config.method == "iwae":
         return DReGObjective(config.k) if config.dreg else iwae_objective(config.k)
+    if config.method == "hmc":
+        from vaebench.inference.mcem import HMCEMObjective
+        return HMCEMObjective(transitions=config.hmc_transitions, leapfrog=config.hmc_leapfrog, seed=config.seed)
     raise ValueError(f"no objective for method {config.method!r}")
 
 
@@ -63,6 +72,25 @@ def training_data(dataset: Dataset, likelihood: str, generator: torch.Generator)
     if likelihood == "bernoulli" and dataset.kind == "intensity":
         return binarize(dataset.train, generator)
     return dataset.train
+
+
+def train_step(model: VAE, objective: Objective, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               indices: torch.Tensor) -> float:
+    """One optimiser step on the batch's mean negative bound; returns the batch's summed bound (nats).
+
+    The objective writes ∂(−Σ_i bound_i)/∂(parameters) into ``.grad``; dividing by the batch size
+    makes the step follow the per-datapoint mean, so the learning rate means the same at any batch
+    size. A non-finite bound leaves the parameters untouched (the caller reports the divergence).
+    This is the step :func:`train` takes and the benchmarks time (``bench/benchmarks.py``).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    bound = objective.accumulate_gradients(model, x, indices)
+    if math.isfinite(bound):
+        grads = [param.grad for param in model.parameters() if param.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, x.shape[0])
+        optimizer.step()
+    return bound
 
 
 def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -110,16 +138,11 @@ def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = Tr
             for b in range(batches_per_epoch):
                 indices = order[b * config.batch_size:(b + 1) * config.batch_size]
                 x = x_epoch[indices.to(device)]
-                optimizer.zero_grad(set_to_none=True)
-                batch_bound = objective.accumulate_gradients(model, x, indices)
+                batch_bound = train_step(model, objective, optimizer, x, indices)
                 if not math.isfinite(batch_bound):
                     raise TrainingDivergedError(
                         f"training diverged: the {objective.name} bound is {batch_bound} at epoch {epoch + 1}, "
                         f"batch {b + 1}; try a smaller --lr (now {config.lr})")
-                for param in model.parameters():
-                    if param.grad is not None:
-                        param.grad.div_(x.shape[0])
-                optimizer.step()
                 bound_sum += batch_bound
                 spent += objective.gradient_evaluations(x.shape[0])
                 bar.update(1)

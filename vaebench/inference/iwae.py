@@ -4,10 +4,15 @@ The IWAE bound for one datapoint with K reparameterised samples z_k ~ q_φ(z|x) 
 
 .. math::
 
-    \\mathcal L_K = \\log \\frac1K \\sum_{k=1}^K w_k, \\qquad w_k = \\frac{p_θ(x, z_k)}{q_φ(z_k \\mid x)}.
+    \\mathcal L_K = \\log \\frac1K \\sum_{k=1}^K w_k, \\qquad w_k = \\frac{p_θ(x, z_k)}{q_φ(z_k \\mid x)},
 
-Pyro computes it as ``RenyiELBO(alpha=0)`` with vectorised particles; it keeps one term per
-datapoint because every sample site sits inside the ``data`` plate.
+and K = 1 gives the ELBO. Pyro computes it as ``RenyiELBO(alpha=0)`` with vectorised particles
+(``Trace_ELBO`` for K = 1); it keeps one term per datapoint because every sample site sits inside
+the ``data`` plate. :class:`BoundObjective` takes the same log-weights from a compiled trace of
+the Pyro model and guide (:mod:`vaebench.inference.compiled`) and lets autograd differentiate
+L_K; for a reparameterised guide that is the gradient Pyro's surrogate loss produces,
+Σ_k w̃_k ∇ log w_k with w̃_k = w_k / Σ_j w_j, on the same draws, at the cost of a hand-written
+PyTorch step (``python bench/step_ratio.py``).
 
 DReG (Tucker, Lawson, Gu & Maddison 2019, eq. 8) replaces the encoder gradient by
 
@@ -25,22 +30,57 @@ estimator, so this one is written here.
 from __future__ import annotations
 
 import torch
-from pyro.infer import RenyiELBO
+from pyro.infer import ELBO, RenyiELBO
 
 from vaebench.estimators import log_mean_exp
-from vaebench.inference.vi import PyroELBOObjective
+from vaebench.inference.compiled import CompiledLogWeights
 from vaebench.model import VAE
 
 
-def iwae_objective(k: int) -> PyroELBOObjective:
-    """The IWAE_K bound as Pyro's ``RenyiELBO(alpha=0)`` with ``k`` vectorised particles."""
-    return PyroELBOObjective(RenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True,
-                                       max_plate_nesting=1), f"iwae-{k}", particles=k)
+class BoundObjective:
+    """Gradients of −L_K (K = 1: the ELBO) from compiled traces of the Pyro model and guide.
+
+    Parameters
+    ----------
+    k
+        Importance samples per datapoint.
+    elbo
+        The Pyro ELBO this objective reproduces on the same draws (``Trace_ELBO`` for K = 1,
+        ``RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True)`` otherwise); kept as
+        the reference the tests compare against.
+    name
+        Label for logs.
+    compiled
+        Replay a compiled trace (default) or run the Pyro traces eagerly; same numbers.
+    """
+
+    def __init__(self, k: int, elbo: ELBO, name: str, compiled: bool = True) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.elbo = elbo
+        self.name = name
+        self.log_weights = CompiledLogWeights(compiled)
+
+    def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
+        log_w = self.log_weights(model, x, self.k)
+        bound = (log_w[0] if self.k == 1 else log_mean_exp(log_w, dim=0)).sum()
+        (-bound).backward()
+        return float(bound.detach())
+
+    def gradient_evaluations(self, batch_size: int) -> int:
+        return batch_size * self.k
+
+
+def iwae_objective(k: int, compiled: bool = True) -> BoundObjective:
+    """The IWAE_K bound, equal on the same draws to Pyro's ``RenyiELBO(alpha=0)`` with ``k`` particles."""
+    reference = RenyiELBO(alpha=0.0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    return BoundObjective(k, reference, f"iwae-{k}", compiled)
 
 
 def iwae_bound(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hand-written IWAE_K bound per datapoint ``[n]`` and its log-weights ``[k, n]``.
+    """IWAE_K bound per datapoint ``[n]`` and its log-weights ``[k, n]``, from eager Pyro traces.
 
     With ``detach_encoder`` the encoder's μ, σ are cut from the graph inside log q (but not inside
     the reparameterised z), as DReG requires.
@@ -53,14 +93,16 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False
 class DReGObjective:
     """IWAE_K with doubly-reparameterised encoder gradients (Tucker et al. 2019)."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, compiled: bool = True) -> None:
         self.k = k
         self.name = f"iwae-dreg-{k}"
+        self.log_weights = CompiledLogWeights(compiled)
 
     def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
         encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
         decoder_params = [p for p in model.decoder.parameters() if p.requires_grad]
-        bound, log_w = iwae_bound(model, x, self.k, detach_encoder=True)
+        log_w = self.log_weights(model, x, self.k, detach_encoder=True)
+        bound = log_mean_exp(log_w, dim=0)
         with torch.no_grad():
             normalized = torch.softmax(log_w, dim=0)
         encoder_surrogate = -(normalized.pow(2) * log_w).sum()

@@ -1,10 +1,18 @@
-"""Amortised VI: the single-sample ELBO through Pyro's SVI machinery (Kingma & Welling 2014)."""
+"""Amortised VI: the single-sample ELBO of the Pyro model and guide (Kingma & Welling 2014).
+
+The default objective is the ELBO as IWAE_1 (:class:`vaebench.inference.iwae.BoundObjective`):
+log p_θ(x, z) − log q_φ(z|x) at one reparameterised draw, read off a compiled trace of the Pyro
+model and guide, with the value and gradient of Pyro's ``Trace_ELBO`` on the same draw. The
+analytic-KL variant uses Pyro's ``TraceMeanField_ELBO`` through ``loss_and_grads``, as
+``SVI.step`` does.
+"""
 
 from __future__ import annotations
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+from vaebench.inference.iwae import BoundObjective
 from vaebench.model import VAE
 
 
@@ -36,8 +44,11 @@ class PyroELBOObjective:
         return batch_size * self.particles
 
 
-def elbo_objective(analytic_kl: bool = False) -> PyroELBOObjective:
-    """Single-sample ELBO: ``Trace_ELBO``, or ``TraceMeanField_ELBO`` for the analytic KL term."""
+def elbo_objective(analytic_kl: bool = False, compiled: bool = True) -> BoundObjective | PyroELBOObjective:
+    """Single-sample ELBO (Pyro ``Trace_ELBO`` on the same draw), or ``TraceMeanField_ELBO`` (analytic KL).
+
+    ``compiled=False`` evaluates the Pyro traces eagerly instead of replaying a compiled trace.
+    """
     if analytic_kl:
         return PyroELBOObjective(TraceMeanField_ELBO(num_particles=1, max_plate_nesting=1), "elbo-meanfield")
-    return PyroELBOObjective(Trace_ELBO(num_particles=1, max_plate_nesting=1), "elbo")
+    return BoundObjective(1, Trace_ELBO(num_particles=1, max_plate_nesting=1), "elbo", compiled)

@@ -1,0 +1,163 @@
+"""Shared set-up of the benchmarks: the timed network, the training steps, devices, ratios.
+
+Timing runs use the architecture of Burda et al. (2016): 784-200-200-50 with tanh, Bernoulli
+likelihood, float32, on synthetic binary images (a training step costs the same on any binary
+data). Log-likelihood runs use the small seeded configuration in ``benchmarks.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vaebench.config import METHODS, ModelConfig, TrainConfig
+from vaebench.model import VAE
+from vaebench.training import make_objective, train_step
+
+from .reference import ReferenceStep
+
+try:  # torch.optim imports torch._dynamo on first use (seconds); import it once here so every
+    import torch._dynamo  # noqa: F401  benchmark process asv forks from the suite inherits it
+except ImportError:  # pragma: no cover - older or stripped-down PyTorch
+    pass
+
+QUICK = os.environ.get("VAEBENCH_ASV_QUICK", "") not in ("", "0")
+"""``VAEBENCH_ASV_QUICK=1`` shrinks every configuration so a smoke run of the suite (CI,
+``bench/check.sh``) takes a minute or two; the numbers it gives are not meaningful."""
+
+STEP_MODEL = ModelConfig(data_dim=784, latent_dim=50, hidden=(200, 200), activation="tanh")
+"""The network every timing benchmark trains (Burda et al. 2016, one stochastic layer)."""
+
+STEP_METHODS: dict[str, dict] = {
+    "vi": {"method": "vi"},
+    "iwae-5": {"method": "iwae", "k": 5},
+    "iwae-50": {"method": "iwae", "k": 50},
+    "hmc": {"method": "hmc"},
+}
+"""Training methods timed, as :class:`vaebench.config.TrainConfig` fields."""
+
+DEVICES = ["cpu", "cuda"]
+
+
+def torch_device(name: str) -> torch.device:
+    """The device ``name``; raises ``NotImplementedError`` (asv: skipped) where it is absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NotImplementedError("no CUDA device")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer sees it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def method_available(method: str) -> bool:
+    """Whether this vaebench has training method ``method`` (``hmc`` arrives with its own issue)."""
+    return STEP_METHODS[method]["method"] in METHODS
+
+
+def binary_batch(batch: int, data_dim: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of synthetic binary images ``[batch, data_dim]`` (pixels on with probability 0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, data_dim, generator=g) < 0.2).float().to(device)
+
+
+@dataclass
+class TrainingStep:
+    """One call = one :func:`vaebench.training.train_step` of ``method`` on a fixed batch."""
+
+    model: VAE
+    objective: object
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    indices: torch.Tensor
+
+    def __call__(self) -> float:
+        return train_step(self.model, self.objective, self.optimizer, self.x, self.indices)
+
+
+def training_step(method: str, device: torch.device, batch: int, model_config: ModelConfig = STEP_MODEL,
+                  seed: int = 0) -> TrainingStep:
+    """The step ``vaebench train --method ...`` takes, on a freshly initialised model."""
+    if not method_available(method):
+        raise NotImplementedError(f"this vaebench has no training method {STEP_METHODS[method]['method']!r}")
+    config = TrainConfig(dataset="digits", batch_size=batch, seed=seed, **STEP_METHODS[method])
+    torch.manual_seed(seed)
+    encoder = config.method != "hmc"
+    model = VAE(ModelConfig(**{**model_config.to_dict(), "encoder": encoder})).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    x = binary_batch(batch, model.config.data_dim, device, seed)
+    return TrainingStep(model, make_objective(config), optimizer, x, torch.arange(batch))
+
+
+def reference_step(method: str, device: torch.device, batch: int, model_config: ModelConfig = STEP_MODEL,
+                   seed: int = 0) -> Callable[[], float]:
+    """The hand-written PyTorch step of ``method`` (``vi`` or ``iwae-K``) on the same model and batch."""
+    k = STEP_METHODS[method].get("k", 1)
+    torch.manual_seed(seed)
+    model = VAE(model_config).to(device)
+    step = ReferenceStep(model, k, lr=TrainConfig.lr, eps=TrainConfig.adam_eps)
+    x = binary_batch(batch, model.config.data_dim, device, seed)
+    return lambda: step(x)
+
+
+def _block(step: Callable[[], float], calls: int, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+@dataclass(frozen=True)
+class StepRatio:
+    """Seconds per step of the vaebench step and of the reference, from interleaved blocks.
+
+    ``ratio`` is the median over repetitions of the paired ratio (each repetition times one block
+    of each, in alternating order, so slow drifts of machine load cancel); ``ratio_of_minima``
+    compares the fastest block of each.
+    """
+
+    method: str
+    batch: int
+    device: str
+    seconds: tuple[float, ...]
+    reference_seconds: tuple[float, ...]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(a / b for a, b in zip(self.seconds, self.reference_seconds))
+
+    @property
+    def ratio_of_minima(self) -> float:
+        return min(self.seconds) / min(self.reference_seconds)
+
+
+def measure_step_ratio(method: str, batch: int = 100, device: str = "cpu", repeats: int = 15,
+                       block_seconds: float = 0.2, warmup: int = 5,
+                       model_config: ModelConfig = STEP_MODEL) -> StepRatio:
+    """Time the vaebench training step of ``method`` against :class:`ReferenceStep` in this process."""
+    dev = torch_device(device)
+    ours = training_step(method, dev, batch, model_config)
+    reference = reference_step(method, dev, batch, model_config)
+    for _ in range(warmup):
+        ours()
+        reference()
+    probe = _block(reference, 1, dev)
+    calls = max(1, round(block_seconds / max(probe, 1e-6)))
+    seconds, reference_seconds = [], []
+    for r in range(repeats):
+        if r % 2 == 0:
+            seconds.append(_block(ours, calls, dev))
+            reference_seconds.append(_block(reference, calls, dev))
+        else:
+            reference_seconds.append(_block(reference, calls, dev))
+            seconds.append(_block(ours, calls, dev))
+    return StepRatio(method, batch, device, tuple(seconds), tuple(reference_seconds))

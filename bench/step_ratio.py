@@ -1,0 +1,68 @@
+"""Time each training step built from the Pyro model against the hand-written PyTorch step.
+
+Usage::
+
+    python bench/step_ratio.py                     # vi, iwae-5, iwae-50 at batch 100 on CPU
+    python bench/step_ratio.py --batch 1000 --device cuda --methods vi iwae-50
+
+One process; each method's step and the reference (``bench/reference.py``: same network, same
+objective, same Adam) are timed in interleaved blocks, and the median paired ratio is printed
+with the ratio of the fastest blocks. The target is a ratio of at most 1.10 on CPU at batch 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import STEP_MODEL, measure_step_ratio  # noqa: E402
+from vaebench.config import ModelConfig  # noqa: E402
+
+TARGET = 1.10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["vi", "iwae-5", "iwae-50"],
+                        choices=["vi", "iwae-5", "iwae-50"])
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved blocks per method")
+    parser.add_argument("--block-seconds", type=float, default=0.2, help="approximate length of one block")
+    parser.add_argument("--data-dim", type=int, default=STEP_MODEL.data_dim,
+                        help="pixels (784: MNIST-sized; 64: the digits data set)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per method")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "step_ratio.py: error: no CUDA device\n")
+    model_config = ModelConfig(**{**STEP_MODEL.to_dict(), "data_dim": args.data_dim})
+    arch = "-".join(map(str, (model_config.data_dim, *model_config.hidden, model_config.latent_dim)))
+    if not args.json:
+        print(f"{arch} network, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}; ratio = vaebench step / hand-written PyTorch step (target <= {TARGET})")
+    for method in args.methods:
+        result = measure_step_ratio(method, args.batch, args.device, args.repeats, args.block_seconds,
+                                    model_config=model_config)
+        if args.json:
+            print(json.dumps({"method": method, "batch": args.batch, "device": args.device, "network": arch,
+                              "ratio": result.ratio, "ratio_of_minima": result.ratio_of_minima,
+                              "seconds": min(result.seconds), "reference_seconds": min(result.reference_seconds)}))
+        else:
+            print(f"{method:8s} {min(result.seconds) * 1e3:9.2f} ms  reference {min(result.reference_seconds) * 1e3:9.2f} ms"
+                  f"  ratio {result.ratio:.3f} (median of {len(result.seconds)} paired blocks), "
+                  f"{result.ratio_of_minima:.3f} (fastest blocks)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

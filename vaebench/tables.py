@@ -1,0 +1,212 @@
+"""The comparison table, derived from result records (never typed in): Markdown, LaTeX or CSV.
+
+One row per group of ``run`` records (by default one per method and K); every cell is the mean
+over the group's records (one per seed) ± its standard error s/√n across seeds. Columns:
+
+``ais``           test log p(x) by annealed importance sampling (nats per datapoint)
+``is``            test log p(x) by importance sampling with the encoder, K = ``is_k`` (5000)
+``elbo``          test ELBO
+``gap``           log p(x) − ELBO, paired per datapoint (log p(x) by AIS, or IS where AIS is missing)
+``active_units``  latent units whose encoder-mean variance over the test set exceeds 0.01
+``time``          training wall-clock seconds
+``grad_evals``    training gradient evaluations (datapoint × sample)
+``published``     Burda et al. (2016), Table 1, as log p(x) = −NLL, shown only for dynamically
+                  binarised MNIST with the 784-200-200-50 tanh architecture (:func:`published_log_px`)
+
+LaTeX output uses booktabs rules (``pandas.DataFrame.to_latex``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from vaebench.results import ResultsError, records_frame
+
+PUBLISHED_SOURCE = ("Burda, Grosse & Salakhutdinov (2016), Importance weighted autoencoders, Table 1: "
+                    "test NLL on dynamically binarised MNIST, 784-200-200-50 tanh, one stochastic layer, "
+                    "3,280 epochs, K = 5000; shown as log p(x) = −NLL")
+PUBLISHED_NLL: dict[tuple[str, int], float] = {("vi", 1): 86.76, ("iwae", 5): 85.54, ("iwae", 50): 84.78}
+"""(method, K) → published test NLL (nats). Burda's "VAE k=1" is the single-sample ELBO, our ``vi``."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header and the per-record value it averages."""
+
+    label: str
+    source: str
+    digits: int
+
+
+COLUMNS: dict[str, Column] = {
+    "ais": Column("log p(x) AIS", "log_px_ais", 2),
+    "is": Column("log p(x) IS-{is_k}", "log_px_is", 2),
+    "elbo": Column("ELBO", "elbo", 2),
+    "gap": Column("gap", "gap", 2),
+    "active_units": Column("active units", "active_units", 1),
+    "time": Column("train time (s)", "seconds_train", 1),
+    "grad_evals": Column("gradient evaluations", "gradient_evaluations", 0),
+    "published": Column("published", "published", 2),
+}
+DEFAULT_COLUMNS = ("ais", "is", "elbo", "gap", "active_units", "time", "published")
+DEFAULT_BY = ("method", "k")
+FORMATS = ("markdown", "latex", "csv")
+
+
+def published_log_px(record: Mapping[str, Any]) -> float | None:
+    """Burda et al.'s Table 1 value (as log p(x)) for this record's setup, or ``None``.
+
+    Only for ``dataset == "mnist"`` (real MNIST, dynamically binarised) with the paper's model:
+    784 pixels, 50 latents, hidden (200, 200) tanh MLPs in decoder and encoder, Bernoulli
+    likelihood; and only for the (method, K) pairs of :data:`PUBLISHED_NLL`. Never for other setups.
+    """
+    model, train = record["config"]["model"], record["config"]["train"]
+    matches = (train.get("dataset") == "mnist" and model.get("data_dim") == 784 and model.get("latent_dim") == 50
+               and list(model.get("hidden", [])) == [200, 200] and model.get("activation") == "tanh"
+               and model.get("decoder") == "mlp" and model.get("likelihood") == "bernoulli"
+               and model.get("encoder_hidden") in (None, [200, 200]))
+    nll = PUBLISHED_NLL.get((record["method"], record["k"])) if matches else None
+    return None if nll is None else -nll
+
+
+def run_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """:func:`vaebench.results.records_frame` of the ``run`` records, plus a ``published`` column."""
+    runs = [r for r in records if r["kind"] == "run"]
+    if not runs:
+        raise ResultsError("no run records to tabulate (records of kind 'run' come from `vaebench compare`)")
+    frame = records_frame(runs)
+    frame["published"] = [published_log_px(r) for r in runs]
+    return frame
+
+
+def comparison_table(records: Sequence[Mapping[str, Any]], by: Sequence[str] = DEFAULT_BY,
+                     columns: Sequence[str] = DEFAULT_COLUMNS) -> pd.DataFrame:
+    """Numbers of the comparison table: per group, ``<column>_mean``, ``<column>_se`` and ``seeds``.
+
+    ``<column>_se`` is the sample standard deviation over the group's records divided by √n
+    (NaN for a single record); a column with no value in a group is NaN there. ``published``
+    has no standard error; it is the group's single published value, or NaN.
+
+    Raises
+    ------
+    ResultsError
+        ``by`` names a column the records do not have, or ``columns`` an unknown column.
+    """
+    frame = run_frame(records)
+    unknown_by = [name for name in by if name not in frame.columns]
+    if unknown_by:
+        choices = ", ".join(c for c in frame.columns if c in ("method", "k", "seed", "dataset", "kind"))
+        raise ResultsError(f"unknown --by column(s) {', '.join(unknown_by)}; choose from {choices}")
+    unknown = [name for name in columns if name not in COLUMNS]
+    if unknown:
+        raise ResultsError(f"unknown column(s) {', '.join(unknown)}; choose from {', '.join(COLUMNS)}")
+    if not by:
+        raise ResultsError("--by needs at least one column")
+    rows = []
+    for group_key, group in frame.groupby(list(by), sort=False, dropna=False):
+        keys = group_key if isinstance(group_key, tuple) else (group_key,)
+        row: dict[str, Any] = dict(zip(by, keys))
+        row["seeds"] = int(group["seed"].nunique())
+        for name in columns:
+            source = COLUMNS[name].source
+            values = pd.to_numeric(group[source], errors="coerce") if source in group else pd.Series(dtype=float)
+            values = values.dropna().astype(float)
+            if name == "published":
+                unique = values.unique()
+                complete = len(values) == len(group)
+                row["published_mean"] = float(unique[0]) if complete and len(unique) == 1 else math.nan
+                continue
+            row[f"{name}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{name}_se"] = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "k" in table:
+        table["k"] = table["k"].astype("Int64")
+    return table
+
+
+def _cell(mean: float, se: float | None, digits: int, latex: bool) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—" if not latex else "--"
+    text = f"{mean:.{digits}f}"
+    if se is not None and not math.isnan(se):
+        text += (r" $\pm$ " if latex else " ± ") + f"{se:.{digits}f}"
+    if latex:
+        text = text.replace("-", "$-$", 1) if text.startswith("-") else text
+    return text
+
+
+def _labels(records: Sequence[Mapping[str, Any]], columns: Sequence[str], gap_reference: str, latex: bool
+            ) -> dict[str, str]:
+    ks = sorted({r["metrics"].get("is_k") for r in records if r["kind"] == "run" and r["metrics"].get("is_k")})
+    is_k = str(ks[0]) if len(ks) == 1 else "K"
+    labels = {}
+    for name in columns:
+        label = COLUMNS[name].label.format(is_k=is_k)
+        if name == "gap":
+            label = f"gap ({gap_reference} − ELBO)"
+        if latex:
+            label = label.replace("log p(x)", r"$\log p(x)$").replace("−", "$-$")
+        labels[name] = label
+    return labels
+
+
+def gap_reference(records: Sequence[Mapping[str, Any]]) -> str:
+    """``AIS``, ``IS`` or ``AIS/IS``: which log p(x) estimate the gap column subtracts the ELBO from."""
+    kinds = {"AIS" if "log_px_ais" in r["metrics"] else "IS" for r in records
+             if r["kind"] == "run" and r["metrics"].get("gap") is not None}
+    return "/".join(sorted(kinds)) if kinds else "log p(x)"
+
+
+def notes(records: Sequence[Mapping[str, Any]], table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """Footnotes: what ± means, what the gap is, where published values come from, what was unavailable."""
+    seeds = sorted(set(int(s) for s in table["seeds"])) if "seeds" in table else []
+    out = [f"Mean ± standard error across seeds (seeds per row: {', '.join(map(str, seeds))}); "
+           "nats per test datapoint; a single seed has no standard error."]
+    if "gap" in columns:
+        out.append("gap = log p(x) − ELBO, paired per test datapoint; log p(x) by AIS where available, "
+                   "else by importance sampling.")
+    if "published" in columns:
+        shown = "published_mean" in table and table["published_mean"].notna().any()
+        out.append(f"published: {PUBLISHED_SOURCE}." if shown else
+                   "published: — (Burda et al. 2016 values apply only to MNIST with the 784-200-200-50 tanh model).")
+    unavailable: dict[str, str] = {}
+    for record in records:
+        unavailable.update(record["unavailable"])
+    for name, reason in sorted(unavailable.items()):
+        out.append(f"unavailable: {name}: {reason}.")
+    return out
+
+
+def format_table(records: Sequence[Mapping[str, Any]], fmt: str = "markdown", by: Sequence[str] = DEFAULT_BY,
+                 columns: Sequence[str] = DEFAULT_COLUMNS, with_notes: bool = True) -> str:
+    """The comparison table as Markdown (pipe table), LaTeX (booktabs ``tabular``) or CSV (numbers)."""
+    if fmt not in FORMATS:
+        raise ResultsError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    table = comparison_table(records, by, columns)
+    if fmt == "csv":
+        return table.to_csv(index=False, float_format="%.6g")
+    latex = fmt == "latex"
+    labels = _labels(records, columns, gap_reference(records), latex)
+    shown = pd.DataFrame()
+    for name in by:
+        values = table[name]
+        shown[name if not latex else name.replace("_", r"\_")] = [("--" if latex else "—") if pd.isna(v) else str(v)
+                                                                  for v in values]
+    shown["seeds"] = table["seeds"].astype(str)
+    for name in columns:
+        digits = COLUMNS[name].digits
+        se = table[f"{name}_se"] if f"{name}_se" in table else [None] * len(table)
+        shown[labels[name]] = [_cell(m, s, digits, latex) for m, s in zip(table[f"{name}_mean"], se)]
+    footnotes = notes(records, table, columns) if with_notes else []
+    if latex:
+        body = shown.to_latex(index=False, column_format="l" * len(by) + "r" * (len(shown.columns) - len(by)),
+                              escape=False)
+        return body + "".join(f"% {line}\n" for line in footnotes)
+    body = shown.to_markdown(index=False, disable_numparse=True, colalign=["left"] * len(by)
+                             + ["right"] * (len(shown.columns) - len(by)))
+    return body + "\n" + ("\n" + "\n".join(f"- {line}" for line in footnotes) + "\n" if footnotes else "")
