@@ -15,7 +15,8 @@ Speed and memory
     hand-written PyTorch step of ``bench/reference.py`` beside it, and their ratio on CPU at batch
     100; one HMC transition for a batch of datapoints; AIS seconds per datapoint.
 
-Parameters a machine cannot run raise ``NotImplementedError`` in ``setup``, which asv reports as
+Every benchmark runs single-threaded on CPU unless ``VAEBENCH_BENCH_THREADS`` says otherwise
+(``bench/common.py``). Parameters a machine cannot run raise ``NotImplementedError`` in ``setup``, which asv reports as
 skipped: ``cuda`` without a GPU, batches above ``CPU_MAX_BATCH`` on CPU (to keep one ``asv run``
 of a commit under ten minutes), and methods or estimators this vaebench does not have yet.
 """

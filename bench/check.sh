@@ -8,7 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VAEBENCH_ASV_QUICK=1
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 [ -f "${ASV_MACHINE_FILE:-$HOME/.asv-machine.json}" ] || asv machine --yes > /dev/null
 asv check --python=same
 asv run --python=same --quick --dry-run --show-stderr --durations 5

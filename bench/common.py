@@ -30,6 +30,15 @@ QUICK = os.environ.get("VAEBENCH_ASV_QUICK", "") not in ("", "0")
 """``VAEBENCH_ASV_QUICK=1`` shrinks every configuration so a smoke run of the suite (CI,
 ``bench/check.sh``) takes a minute or two; the numbers it gives are not meaningful."""
 
+THREADS = int(os.environ.get("VAEBENCH_BENCH_THREADS", "1"))
+"""CPU threads every benchmark runs with (``VAEBENCH_BENCH_THREADS``, default 1; 0 leaves torch's
+default). One thread keeps
+the tracked log-likelihoods independent of the machine's core count and the timings comparable
+across machines; on a 2-core machine shared with other jobs, torch's default of two threads made
+one log-joint evaluation 30× slower (94 ms instead of 2.9 ms) and one ``asv run`` take 14 minutes."""
+if THREADS > 0:
+    torch.set_num_threads(THREADS)
+
 STEP_MODEL = ModelConfig(data_dim=784, latent_dim=50, hidden=(200, 200), activation="tanh")
 """The network every timing benchmark trains (Burda et al. 2016, one stochastic layer)."""
 

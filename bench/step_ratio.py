@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-seconds", type=float, default=0.2, help="approximate length of one block")
     parser.add_argument("--data-dim", type=int, default=STEP_MODEL.data_dim,
                         help="pixels (784: MNIST-sized; 64: the digits data set)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: VAEBENCH_BENCH_THREADS, else 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per method")
     args = parser.parse_args(argv)
     import torch

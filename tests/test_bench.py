@@ -1,6 +1,7 @@
 """The benchmark suite's yardstick is the same step: same densities, same update, same Adam."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("VAEBENCH_BENCH_THREADS", "0")     # importing bench.common must not re-thread pytest
 
 from bench.common import StepRatio, measure_step_ratio, training_step  # noqa: E402
 from bench.reference import ReferenceStep  # noqa: E402

@@ -2,7 +2,9 @@
 optional capabilities are looked up in the registries and disclosed when missing; bad input exits 2."""
 
 import dataclasses
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from vaebench import cli, compare, evaluation
 from vaebench import config as config_registry
 from vaebench.compare import PRESETS, Comparison, CompareConfig, plan, run_compare, stage_seed
-from vaebench.errors import ConfigError
+from vaebench.errors import ConfigError, RunDirError
 from vaebench.estimators import importance_sampling, over_batches
 from vaebench.results import ResultsError, comparable, read_records
 
@@ -67,7 +69,9 @@ def test_interrupted_and_resumed_compare_equals_uninterrupted(reference, tmp_pat
     assert len(first) < len(second) < total - 1
     assert second[:len(first)] == first, "finished records were rewritten"
     torch.manual_seed(12345)  # disturb global RNG state: stages must seed themselves
+    threads = torch.get_num_threads()
     ran = Comparison(TINY, out, progress=False).run()
+    assert torch.get_num_threads() == threads
     assert 0 < len(ran) < total
     resumed, uninterrupted = read_records(out), read_records(reference)
     assert [r["key"] for r in resumed] == [r["key"] for r in uninterrupted]
@@ -158,9 +162,20 @@ def test_ais_stage_runs_when_registered(tmp_path, monkeypatch, without_optional)
     assert records["gaps/vi/seed0"]["diagnostics"]["log_px"] == "ais"
 
 
-def test_resume_refuses_other_settings(reference):
+def test_resume_refuses_other_settings(reference, without_optional):
     with pytest.raises(ResultsError, match=r"different settings \(config.epochs: stored 2, now 3\)"):
         Comparison(dataclasses.replace(TINY, epochs=3), reference, progress=False).run()
+
+
+def test_resume_refuses_a_tampered_run_directory(reference, tmp_path, without_optional):
+    copy = tmp_path / "results"
+    shutil.copytree(reference, copy)
+    path = copy / "runs" / "vi-seed0" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["train"]["epochs"] = 99
+    path.write_text(json.dumps(saved))
+    with pytest.raises(RunDirError, match="trained with other settings"):
+        Comparison(TINY, copy, progress=False).run()
 
 
 def test_refuses_foreign_directory(tmp_path):
@@ -199,7 +214,11 @@ def test_paper_preset_is_burdas_protocol():
     (["--preset", "huge"], "unknown preset 'huge'"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
-    assert cli.main(["compare", "--out", str(tmp_path / "r"), *argv]) == 2
+    try:
+        status = cli.main(["compare", "--out", str(tmp_path / "r"), *argv])
+    except SystemExit as exc:          # argparse exits for usage errors
+        status = exc.code
+    assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("vaebench: error: ") and message in err
     assert not (tmp_path / "r").exists()
@@ -208,6 +227,14 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
 def test_cli_missing_parent_exits_2(tmp_path, capsys):
     assert cli.main(["compare", "--out", str(tmp_path / "no" / "r"), "--preset", "tiny", "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_missing_data_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["compare", "--out", str(out), "--preset", "tiny", "--dataset", "mnist", "--data-dir", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "the four IDX files were not found" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_interrupt_then_resume(tmp_path, capsys, monkeypatch, without_optional):

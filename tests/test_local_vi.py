@@ -22,6 +22,7 @@ def problem():
     return model, simulate(model, 150, seed=4)
 
 
+@torch.no_grad()
 def optimal_mean_field_gap(model, x):
     covariance = targets.exact_posterior(model, x).covariance
     precision = torch.linalg.inv(covariance)
@@ -43,8 +44,6 @@ def test_approximation_gap_matches_closed_form(problem):
     exact = float(optimal_mean_field_gap(model, x))
     assert exact > 0.05, "the test needs a posterior with correlations"
     assert abs(mean - exact) < 3 * se, (mean, se, exact)
-    posterior = targets.exact_posterior(model, x)
-    assert torch.allclose(qstar.loc, posterior.mean, atol=0.05 * float(posterior.covariance.diagonal().sqrt().min()))
 
 
 def test_amortisation_gap_is_positive_from_an_untrained_encoder(problem):

@@ -35,6 +35,7 @@ every record (and ``compare.json``) names what was unavailable and why; no numbe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +43,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import pyro
 import torch
@@ -59,7 +60,8 @@ from vaebench.metrics import active_units, aggregate_posterior, bound_spread, gr
 from vaebench.model import VAE
 from vaebench.provenance import provenance, resolve_device, resolve_dtype
 from vaebench.results import ResultsError, append_record, make_record, read_records, records_path
-from vaebench.rundir import CONFIG_FILE, WEIGHTS_FILE, atomic_write_text, load_run, staged_directory, write_run
+from vaebench.rundir import (CONFIG_FILE, WEIGHTS_FILE, atomic_write_text, load_run, read_config, staged_directory,
+                             write_run)
 from vaebench.training import train
 
 KNOWN_METHODS = ("vi", "iwae", "hmc")
@@ -105,6 +107,10 @@ class CompareConfig:
     ais, ais_batch_size
         Settings of the ``ais`` estimator (field names of :class:`vaebench.config.AISConfig`) and
         the datapoints it anneals at once (its cost is mostly per step, so larger is faster).
+    threads
+        CPU threads for torch while the compare runs (``None``: torch's default). Small networks
+        run fastest on one thread: on a busy 2-core machine two intra-op threads made one
+        gradient of the quick preset's decoder ~20x slower than one thread did.
     """
 
     preset: str = "custom"
@@ -116,7 +122,7 @@ class CompareConfig:
     latent_dim: int = 10
     hidden: tuple[int, ...] = (100, 100)
     activation: str = "tanh"
-    epochs: int = 20
+    epochs: int = 15
     batch_size: int = 100
     lr: float = 3e-3
     lr_schedule: str = "constant"
@@ -140,6 +146,7 @@ class CompareConfig:
     hmc_leapfrog: int = 5
     ais: Mapping[str, Any] = field(default_factory=lambda: {"steps": 100, "leapfrog": 2, "chains": 4})
     ais_batch_size: int = 1000
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -166,9 +173,10 @@ class CompareConfig:
         check(self.local_vi_steps >= 0, f"local_vi_steps must be >= 0, got {self.local_vi_steps}")
         check(self.variance_replicates >= 2, f"variance_replicates must be >= 2, got {self.variance_replicates}")
         check(self.local_vi_lr > 0, f"local_vi_lr must be positive, got {self.local_vi_lr}")
-        for name in ("train_subset", "test_subset"):
+        for name in ("train_subset", "test_subset", "threads"):
             value = getattr(self, name)
-            check(value is None or value >= 2, f"{name} must be >= 2 or None, got {value}")
+            check(value is None or value >= (1 if name == "threads" else 2),
+                  f"{name} must be >= {1 if name == 'threads' else 2} or None, got {value}")
         # the shared training settings are validated by the dataclasses that use them
         ModelConfig(data_dim=1, latent_dim=self.latent_dim, hidden=self.hidden, activation=self.activation)
         TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, lr_schedule=self.lr_schedule,
@@ -192,7 +200,7 @@ class CompareConfig:
 PRESETS: dict[str, CompareConfig] = {
     "quick": CompareConfig(
         preset="quick", dataset="digits", seeds=(0, 1, 2), latent_dim=10, hidden=(100, 100), epochs=20,
-        batch_size=100, lr=3e-3),
+        batch_size=100, lr=3e-3, ais={"steps": 500, "leapfrog": 2, "chains": 4}, threads=1),
     "paper": CompareConfig(
         # Burda, Grosse & Salakhutdinov (2016), §5: 784-200-200-50 tanh, one stochastic layer, batch 20,
         # Adam(β=(0.9, 0.999), ε=1e-4), lr 1e-3·10^(-i/7) for 3^i epochs (i = 0..7, 3,280 epochs), K = 5000.
@@ -205,7 +213,7 @@ PRESETS: dict[str, CompareConfig] = {
         preset="tiny", dataset="digits", methods=("vi", "iwae"), iwae_ks=(3,), seeds=(0, 1), latent_dim=3,
         hidden=(16,), epochs=2, train_subset=200, test_subset=30, is_k=50, elbo_k=10, bound_ks=(1, 10, 50),
         local_vi_steps=20, aggregate_samples=2, variance_ks=(2,), variance_replicates=5, variance_batch=10,
-        ais={"steps": 20, "leapfrog": 2, "chains": 2}),
+        ais={"steps": 20, "leapfrog": 2, "chains": 2}, threads=1),
 }
 """``quick``: the README's command, offline, a few minutes on a 2-core CPU. ``paper``: the IWAE
 paper's protocol; for a GPU and a real MNIST (or Fashion-MNIST) IDX directory. ``tiny`` (not
@@ -326,7 +334,10 @@ class Comparison:
         return {"config": self.cfg.to_dict(), "unavailable": self.unavailable}
 
     def prepare(self) -> None:
-        """Create the results directory and ``compare.json``, or check they match (resume)."""
+        """Create the results directory and ``compare.json``, or check they match (resume).
+
+        The data are loaded before anything is written, so a missing data set leaves nothing behind.
+        """
         out = self.results_dir
         if out.exists() and not out.is_dir():
             raise ResultsError(f"{out} exists and is not a directory")
@@ -346,6 +357,7 @@ class Comparison:
             return
         if out.is_dir() and any(out.iterdir()):
             raise ResultsError(f"{out} is not empty and holds no {MANIFEST_FILE}; choose another --out")
+        _ = self.x_test                                    # load and check the data before writing anything
         out.mkdir(exist_ok=True)
         atomic_write_text(path, json.dumps(self.manifest(), indent=2) + "\n")
 
@@ -363,6 +375,11 @@ class Comparison:
             return False
         if not ((out / CONFIG_FILE).is_file() and (out / WEIGHTS_FILE).is_file()):
             raise RunDirError(f"{out} is incomplete (no {CONFIG_FILE} or {WEIGHTS_FILE}); delete it and rerun")
+        saved = read_config(out)
+        model_config, train_config = self.configs(stage.spec, stage.seed)
+        expected = json.loads(json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict()}))
+        if saved["model"] != expected["model"] or saved["train"] != expected["train"]:
+            raise RunDirError(f"{out} was trained with other settings than this compare's; delete it and rerun")
         return True
 
     # ---------------------------------------------------------------- shared inputs
@@ -411,6 +428,10 @@ class Comparison:
     # ---------------------------------------------------------------- running
     def run(self) -> list[Stage]:
         """Run every stage not done yet; return the stages that ran in this call."""
+        with torch_threads(self.cfg.threads):
+            return self._run()
+
+    def _run(self) -> list[Stage]:
         self.prepare()
         keys = {r["key"] for r in read_records(self.results_dir)} if records_path(self.results_dir).exists() else set()
         pending = [s for s in self.stages if not self.done(s, keys)]
@@ -537,6 +558,8 @@ class Comparison:
             values["elbo"], _, wall["elbo"] = self._score(model, "elbo", settings, stage_seed(seed, "eval/elbo"))
             metrics["elbo"], metrics["elbo_se"] = mean_and_stderr(values["elbo"])
             metrics["active_units"] = active_units(model, self.x_test)
+            if "ais" in values:               # both are stochastic lower bounds: which one is tighter here?
+                metrics["ais_minus_is"], metrics["ais_minus_is_se"] = mean_and_stderr(values["ais"] - values["is"])
             reference = "ais" if "ais" in values else "is"
             metrics["gap"], metrics["gap_se"] = mean_and_stderr(values[reference] - values["elbo"])
             diagnostics["gap"] = f"log p(x) by {'AIS' if reference == 'ais' else f'IS-{cfg.is_k}'} − ELBO, paired"
@@ -653,6 +676,18 @@ def run_compare(cfg: CompareConfig, results_dir: str | os.PathLike, progress: bo
 
 
 # ----------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: unchanged), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def subset_dataset(data: Dataset, train_n: int | None, test_n: int | None) -> Dataset:
     """The first ``train_n`` training and ``test_n`` test points of ``data`` (``None``: all)."""
     if train_n is None and test_n is None:

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from vaebench.compare import subset_dataset
+from vaebench.compare import subset_dataset, torch_threads
 from vaebench.data import evaluation_data, load_dataset
 from vaebench.errors import VaebenchError
 from vaebench.results import ResultsError, read_records, records_frame
@@ -40,6 +40,8 @@ from vaebench.tables import format_table
 FIGURE_DIR = "figures"
 REPORT_FILE = "report.md"
 COLORS = {"vi": "tab:blue", "iwae": "tab:orange", "hmc": "tab:green"}
+PROJECTION_POINTS = 1000
+"""At most this many test points are drawn in the aggregate-posterior projection."""
 
 
 def _label(record: Mapping[str, Any]) -> str:
@@ -260,7 +262,7 @@ class Report:
         except ImportError as exc:
             raise _Skip(f"no HMC sampler to draw from p(z|x) ({exc})") from None
         generator = torch.Generator().manual_seed(seed)
-        result = sample_posterior(model, x, HMCConfig(num_warmup=200, num_samples=1), generator)
+        result = sample_posterior(model, x, HMCConfig(num_warmup=100, num_samples=1, num_leapfrog=5), generator)
         return result.samples[-1, 0], "z ~ p(z|x) by HMC"
 
     def fig_aggregate(self, path: Path) -> str:
@@ -272,6 +274,7 @@ class Report:
         for i, record in enumerate(runs):
             ax = fig.add_subplot(1, len(runs), i + 1)
             model, x, labels = self._model_and_data(record)
+            x, labels = x[:PROJECTION_POINTS], None if labels is None else labels[:PROJECTION_POINTS]
             z, what = self._posterior_draws(model, x, seed=record["seed"])
             z = z.detach().double().cpu().numpy()
             pca = PCA(n_components=min(2, z.shape[1])).fit(z)
@@ -296,8 +299,9 @@ class Report:
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
         _save(fig, path)
-        return ("One latent draw per test point from each method's posterior (seed "
-                f"{runs[0]['seed']}), projected on its two leading principal directions (through the origin, so the "
+        return (f"One latent draw per test point (at most {PROJECTION_POINTS}) from each method's posterior (seed "
+                f"{runs[0]['seed']}): z ~ q(z|x) with an encoder, the last state of a batched-HMC chain on p(z|x) "
+                "after 100 warm-up iterations without one; projected on its two leading principal directions (through the origin, so the "
                 "prior N(0, I) projects to N(0, I₂)); circles are the prior's 1, 2 and 3 standard-deviation contours; "
                 "colours are digit classes.")
 
@@ -494,8 +498,12 @@ class _Skip(Exception):
     """A figure cannot be drawn from these records; the message says why."""
 
 
-def write_report(results_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> list[str]:
+def write_report(results_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+                 threads: int | None = 1) -> list[str]:
     """Build the report of ``results_dir`` into directory ``out`` (atomically); return the skipped figures.
+
+    Models are loaded on the CPU and run with ``threads`` torch threads (``None``: torch's default;
+    one is fastest for small networks on a busy machine).
 
     Raises
     ------
@@ -505,5 +513,5 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike, overwri
         ``out`` exists and is not empty (without ``overwrite``), or its parent is missing.
     """
     report = Report(results_dir)
-    with staged_directory(out, overwrite) as staging:
+    with staged_directory(out, overwrite) as staging, torch_threads(threads):
         return report.write(staging)

@@ -174,6 +174,19 @@ def notes(records: Sequence[Mapping[str, Any]], table: pd.DataFrame, columns: Se
         shown = "published_mean" in table and table["published_mean"].notna().any()
         out.append(f"published: {PUBLISHED_SOURCE}." if shown else
                    "published: — (Burda et al. 2016 values apply only to MNIST with the 784-200-200-50 tanh model).")
+    looser: dict[str, list[float]] = {}
+    for record in records:
+        m = record["metrics"]
+        if record["kind"] == "run" and m.get("ais_minus_is") is not None and m.get("ais_minus_is_se") is not None:
+            label = record["method"] + ("" if record["k"] in (None, 1) else f"-k{record['k']}")
+            if m["ais_minus_is"] < -2 * m["ais_minus_is_se"]:
+                looser.setdefault(label, []).append(m["ais_minus_is"])
+    if looser:
+        parts = [f"{label} ({len(v)} run(s), by {-max(v):.2f}–{-min(v):.2f} nats)" for label, v in looser.items()]
+        out.append("AIS came out looser than importance sampling (paired, by more than 2 SE) for "
+                   f"{', '.join(parts)}: its annealing is too short for these models, so AIS-based numbers "
+                   "(the gap, and the only log p(x) of decoders without an encoder) understate log p(x); "
+                   "more AIS steps tighten it.")
     unavailable: dict[str, str] = {}
     for record in records:
         unavailable.update(record["unavailable"])

@@ -22,12 +22,13 @@ directly: it captures parameters registered with ``pyro.module`` as constants (`
 refuses tensors that require grad), and ``RenyiELBO`` has no JIT variant. Like ``JitTrace_ELBO``
 it relies on the program having a static structure for a given input shape, which the VAE has.
 
-Alternatives measured on CPU (2 cores, batch 100, 64-200-200-50 network, one step of IWAE_5):
-``torch.compile`` breaks the graph inside Pyro's handlers and took ~50 s to compile; replaying an
-FX graph captured with ``make_fx`` stayed at 1.14×; the TorchScript replay is at 1.0-1.05×.
-``torch.jit.trace`` is deprecated in recent PyTorch in favour of ``torch.compile``; its
-deprecation warning is silenced here, and ``compiled=False`` (or a PyTorch without
-``torch.jit.trace``) falls back to the eager Pyro traces, which give the same numbers.
+Alternatives tried (CPU, batch 100, one IWAE_5 step of a 64-200-200-50 network, relative to the
+hand-written step): ``torch.compile`` of the Pyro ELBO breaks its graph inside Pyro's handlers,
+and compiling the captured graph with inductor took about 50 s; replaying an FX graph captured
+with ``make_fx`` ran at 1.14×; the TorchScript replay at 1.05×. ``torch.jit.trace`` is deprecated
+in recent PyTorch in favour of ``torch.compile``; its deprecation warning is silenced here, and
+``compiled=False`` (or a PyTorch without ``torch.jit.trace``) falls back to the eager Pyro
+traces, which give the same numbers.
 
 Randomness: tracing runs the program once, inside :func:`torch.random.fork_rng`, so compiling
 consumes no random numbers; every replay then draws z from the global RNG exactly as the eager
