@@ -92,8 +92,12 @@ class TrainingStep:
 
 
 def training_step(method: str, device: torch.device, batch: int, model_config: ModelConfig = STEP_MODEL,
-                  seed: int = 0) -> TrainingStep:
-    """The step ``vaebench train --method ...`` takes, on a freshly initialised model."""
+                  seed: int = 0, pyro_elbo: bool = False) -> TrainingStep:
+    """The step ``vaebench train --method ...`` takes, on a freshly initialised model.
+
+    ``pyro_elbo`` swaps the objective for Pyro's own ``Trace_ELBO``/``RenyiELBO`` through
+    ``loss_and_grads`` (the eager path, for comparison; ``vi`` and ``iwae`` only).
+    """
     if not method_available(method):
         raise NotImplementedError(f"this vaebench has no training method {STEP_METHODS[method]['method']!r}")
     config = TrainConfig(dataset="digits", batch_size=batch, seed=seed, **STEP_METHODS[method])
@@ -102,7 +106,12 @@ def training_step(method: str, device: torch.device, batch: int, model_config: M
     model = VAE(ModelConfig(**{**model_config.to_dict(), "encoder": encoder})).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
     x = binary_batch(batch, model.config.data_dim, device, seed)
-    return TrainingStep(model, make_objective(config), optimizer, x, torch.arange(batch))
+    objective = make_objective(config)
+    if pyro_elbo:
+        from vaebench.inference.vi import PyroELBOObjective
+
+        objective = PyroELBOObjective(objective.elbo, f"{objective.name}-pyro-elbo", config.k)
+    return TrainingStep(model, objective, optimizer, x, torch.arange(batch))
 
 
 def reference_step(method: str, device: torch.device, batch: int, model_config: ModelConfig = STEP_MODEL,
@@ -151,10 +160,13 @@ class StepRatio:
 
 def measure_step_ratio(method: str, batch: int = 100, device: str = "cpu", repeats: int = 15,
                        block_seconds: float = 0.2, warmup: int = 5,
-                       model_config: ModelConfig = STEP_MODEL) -> StepRatio:
-    """Time the vaebench training step of ``method`` against :class:`ReferenceStep` in this process."""
+                       model_config: ModelConfig = STEP_MODEL, pyro_elbo: bool = False) -> StepRatio:
+    """Time the vaebench training step of ``method`` against :class:`ReferenceStep` in this process.
+
+    ``pyro_elbo`` times Pyro's eager ``loss_and_grads`` path instead (see :func:`training_step`).
+    """
     dev = torch_device(device)
-    ours = training_step(method, dev, batch, model_config)
+    ours = training_step(method, dev, batch, model_config, pyro_elbo=pyro_elbo)
     reference = reference_step(method, dev, batch, model_config)
     for _ in range(warmup):
         ours()

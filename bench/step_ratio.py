@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pixels (784: MNIST-sized; 64: the digits data set)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: VAEBENCH_BENCH_THREADS, else 1)")
+    parser.add_argument("--pyro-elbo", action="store_true",
+                        help="also time Pyro's eager Trace_ELBO/RenyiELBO loss_and_grads step "
+                             "(the path before the compiled trace)")
     parser.add_argument("--json", action="store_true", help="one JSON object per method")
     args = parser.parse_args(argv)
     import torch
@@ -51,16 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(f"{arch} network, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}; ratio = vaebench step / hand-written PyTorch step (target <= {TARGET})")
-    for method in args.methods:
+    runs = [(method, False) for method in args.methods]
+    if args.pyro_elbo:
+        runs += [(method, True) for method in args.methods]
+    for method, pyro_elbo in runs:
         result = measure_step_ratio(method, args.batch, args.device, args.repeats, args.block_seconds,
-                                    model_config=model_config)
+                                    model_config=model_config, pyro_elbo=pyro_elbo)
+        label = f"{method} (Pyro ELBO, eager)" if pyro_elbo else method
         if args.json:
-            print(json.dumps({"method": method, "batch": args.batch, "device": args.device, "network": arch,
+            print(json.dumps({"method": label, "batch": args.batch, "device": args.device, "network": arch,
                               "ratio": result.ratio, "ratio_of_minima": result.ratio_of_minima,
                               "seconds": min(result.seconds), "reference_seconds": min(result.reference_seconds)}))
         else:
-            print(f"{method:8s} {min(result.seconds) * 1e3:9.2f} ms  reference {min(result.reference_seconds) * 1e3:9.2f} ms"
-                  f"  ratio {result.ratio:.3f} (median of {len(result.seconds)} paired blocks), "
+            ours, reference = min(result.seconds) * 1e3, min(result.reference_seconds) * 1e3
+            print(f"{label:26s} {ours:9.2f} ms  reference {reference:9.2f} ms  ratio {result.ratio:.3f} (median of {len(result.seconds)} paired blocks), "
                   f"{result.ratio_of_minima:.3f} (fastest blocks)")
     return 0
 

@@ -112,7 +112,7 @@ def test_published_column_only_for_burda_setup():
 
 def test_unavailable_stages_are_disclosed(records):
     records = [make("vi", 1, 0, unavailable={"ais": "estimator 'ais' is not registered"})] + records[1:]
-    assert "unavailable: ais: estimator 'ais' is not registered" in format_table(records, "markdown")
+    assert "unavailable: ais (vi): estimator 'ais' is not registered." in format_table(records, "markdown")
 
 
 def test_unknown_columns_are_errors(records):

@@ -565,7 +565,7 @@ class Comparison:
             diagnostics["gap"] = f"log p(x) by {'AIS' if reference == 'ais' else f'IS-{cfg.is_k}'} − ELBO, paired"
         else:
             reason = "no encoder (hmc-trained decoder): importance sampling and the ELBO need q(z|x)"
-            unavailable["iwae"] = unavailable["elbo"] = reason
+            unavailable["is"] = unavailable["elbo"] = reason
         path = self.values_path(stage.spec, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_tensors(path, values)

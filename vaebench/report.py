@@ -35,7 +35,7 @@ from vaebench.data import evaluation_data, load_dataset
 from vaebench.errors import VaebenchError
 from vaebench.results import ResultsError, read_records, records_frame
 from vaebench.rundir import LOG_FILE, load_run, staged_directory
-from vaebench.tables import format_table
+from vaebench.tables import format_table, unavailable_lines
 
 FIGURE_DIR = "figures"
 REPORT_FILE = "report.md"
@@ -187,7 +187,7 @@ class Report:
             raise _Skip("no gaps records (the `vi` method was not run)")
         approx = _mean_se([r["metrics"]["approximation_gap"] for r in gaps])
         amort = _mean_se([r["metrics"]["amortisation_gap"] for r in gaps])
-        fig = Figure(figsize=(4.5, 4))
+        fig = Figure(figsize=(5, 5))
         ax = fig.add_subplot()
         ax.bar([0], [approx[0]], color="tab:green", label="approximation gap: log p(x) − ELBO[q*]")
         ax.bar([0], [amort[0]], bottom=[approx[0]], color="tab:orange", label="amortisation gap: ELBO[q*] − ELBO[q]")
@@ -198,7 +198,7 @@ class Report:
         ax.set_xlim(-1, 1)
         ax.set_ylabel("nats per test datapoint")
         ax.set_title("Inference gap, decomposed")
-        ax.legend(fontsize=7, loc="lower center")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1))
         _save(fig, path)
         return "The `vi` model's inference gap split into approximation and amortisation gaps (Cremer et al. 2018)."
 
@@ -471,9 +471,7 @@ class Report:
         settings = ", ".join(f"{k}={v}" for k, v in compare.items() if k in (
             "preset", "dataset", "methods", "iwae_ks", "seeds", "latent_dim", "hidden", "activation", "epochs",
             "batch_size", "lr", "lr_schedule", "is_k", "test_subset", "train_subset"))
-        unavailable: dict[str, str] = {}
-        for record in self.records:
-            unavailable.update(record["unavailable"])
+        unavailable = unavailable_lines(self.records)
         lines = [
             "# vaebench comparison report", "",
             f"Generated from `{self.results_dir / 'records.jsonl'}` ({len(self.records)} records). "
@@ -486,7 +484,7 @@ class Report:
         ]
         if unavailable:
             lines += ["", "**Unavailable in this run** (no number stands in for these):", ""]
-            lines += [f"- {name}: {why}" for name, why in sorted(unavailable.items())]
+            lines += [f"- {line.removeprefix('unavailable: ')}" for line in unavailable]
         lines += ["", "## Comparison", "", format_table(self.records, "markdown"),
                   "## Inference on the vi-trained decoder", "", self.inference_table(), self.variance_table(),
                   "## Figures", ""]

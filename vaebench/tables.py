@@ -182,17 +182,31 @@ def notes(records: Sequence[Mapping[str, Any]], table: pd.DataFrame, columns: Se
             if m["ais_minus_is"] < -2 * m["ais_minus_is_se"]:
                 looser.setdefault(label, []).append(m["ais_minus_is"])
     if looser:
-        parts = [f"{label} ({len(v)} run(s), by {-max(v):.2f}–{-min(v):.2f} nats)" for label, v in looser.items()]
+        parts = [f"{label} ({len(v)} run(s), by {-max(v):.2f}" + ("" if len(v) == 1 else f"–{-min(v):.2f}") + " nats)"
+                 for label, v in looser.items()]
         out.append("AIS came out looser than importance sampling (paired, by more than 2 SE) for "
                    f"{', '.join(parts)}: its annealing is too short for these models, so AIS-based numbers "
                    "(the gap, and the only log p(x) of decoders without an encoder) understate log p(x); "
                    "more AIS steps tighten it.")
-    unavailable: dict[str, str] = {}
-    for record in records:
-        unavailable.update(record["unavailable"])
-    for name, reason in sorted(unavailable.items()):
-        out.append(f"unavailable: {name}: {reason}.")
+    out += [f"{line}." for line in unavailable_lines(records)]
     return out
+
+
+def unavailable_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per distinct reason something could not run: ``unavailable: NAMES (RUNS): REASON``."""
+    grouped: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+    for record in records:
+        label = record["method"] + ("" if record["k"] in (None, 1) else f"-k{record['k']}")
+        for name, reason in record["unavailable"].items():
+            names, labels = grouped.setdefault(reason, ({}, {}))
+            names[name] = None
+            if not name.startswith("method:"):
+                labels[label] = None
+    lines = []
+    for reason, (names, labels) in grouped.items():
+        where = f" ({', '.join(labels)})" if labels else ""
+        lines.append(f"unavailable: {', '.join(names)}{where}: {reason}")
+    return lines
 
 
 def format_table(records: Sequence[Mapping[str, Any]], fmt: str = "markdown", by: Sequence[str] = DEFAULT_BY,
