@@ -15,15 +15,6 @@ from vaebench.inference import ais
 from conftest import make_linear_gaussian_vae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one thread avoids OpenMP hand-offs that dominate on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def linear_gaussian_bdmc():
     """BDMC with modest T (100) on 40 datapoints simulated from a float64 linear-Gaussian model.

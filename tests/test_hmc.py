@@ -15,15 +15,6 @@ from vaebench.training import train
 from conftest import make_linear_gaussian_vae, simulate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one thread avoids OpenMP hand-offs that dominate on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def moment_z_scores(draws, mean, variance):
     """z-scores of the sample mean and variance of ``draws [S, M, n, D]`` against known moments.
 

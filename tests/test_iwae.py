@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vaebench.estimators import log_mean_exp
-from vaebench.inference.iwae import DReGObjective, iwae_bound, iwae_objective
+from vaebench.inference.iwae import DReGObjective, iwae_objective
 from vaebench.inference.vi import elbo_objective
 
 from conftest import make_linear_gaussian_vae, simulate

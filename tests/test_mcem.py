@@ -18,15 +18,6 @@ from vaebench.training import make_objective, train
 from conftest import make_linear_gaussian_vae, simulate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one thread avoids OpenMP hand-offs that dominate on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_train_hmc_on_digits_improves_ais_log_likelihood():
     """AIS log p̂(x) of 100 test digits rises over the initial decoder (paired, by more than 3 SE)."""
     dataset = load_dataset("digits")
