@@ -210,10 +210,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_evaluate]
-"""Each adds one sub-command; its parser sets ``handler(args) -> exit status``."""
-
-
 # -------------------------------------------------------------------------- compare, table, report
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -321,9 +317,6 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS += [_add_compare, _add_table, _add_report]
-
-
 # ------------------------------------------------------------------------------------ asv-table
 def _add_asv_table(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("asv-table", help="print asv's benchmark results as a table",
@@ -353,7 +346,9 @@ def _run_asv_table(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS.append(_add_asv_table)
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_evaluate, _add_compare, _add_table, _add_report, _add_asv_table]
+"""Each adds one sub-command; its parser sets ``handler(args) -> exit status``."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """One training loop for every method: Adam on the per-datapoint bound of an :class:`Objective`.
 
-The loop is Pyro's ``SVI.step`` unrolled so its state is explicit: the objective's
-``loss_and_grads`` writes gradients of the batch's summed negative bound, the loop divides them
+The loop is Pyro's ``SVI.step`` unrolled so its state is explicit: the objective
+(:class:`~vaebench.inference.base.Objective`) writes gradients of the batch's summed negative
+bound, the loop divides them
 by the batch size (so the learning rate means the same at any batch size) and takes a
 ``torch.optim.Adam`` step. Image data are binarised afresh every epoch (dynamic binarisation).
 """
