@@ -54,3 +54,14 @@ def _fresh_pyro_state():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     yield
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run ``vaebench ARGV`` in-process: (exit status, stdout, stderr)."""
+    from vaebench import cli
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exc:          # argparse exits for usage errors
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err

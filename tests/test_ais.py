@@ -12,7 +12,7 @@ from vaebench.config import AISConfig
 from vaebench.estimators import mean_and_stderr
 from vaebench.inference import ais
 
-from conftest import make_linear_gaussian_vae
+from conftest import make_linear_gaussian_vae, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +133,7 @@ def test_chunking_over_datapoints_keeps_estimates_valid():
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def run(capsys, *argv):
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ import pytest
 
 from vaebench import cli
 
+from conftest import run_cli
+
 TINY = ["--epochs", "1", "--hidden", "16", "--latent-dim", "4", "--quiet"]
 
 
-def run(capsys, *argv):
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:          # argparse exits for usage errors
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from vaebench.inference.mcem import HMCEMObjective
 from vaebench.model import VAE
 from vaebench.training import make_objective, train
 
-from conftest import make_linear_gaussian_vae, simulate
+from conftest import make_linear_gaussian_vae, simulate, run_cli
 
 
 def test_train_hmc_on_digits_improves_ais_log_likelihood():
@@ -66,13 +66,7 @@ def test_make_objective_builds_hmc_from_the_config():
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def run(capsys, *argv):
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")
