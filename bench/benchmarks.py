@@ -171,16 +171,21 @@ def _check_size(device: str, batch: int) -> torch.device:
     return dev
 
 
-class TrainStep:
-    """One training step (forward, backward, Adam) of each method; seconds and peak memory."""
+class _StepTiming:
+    """asv timing settings shared by the per-step benchmarks: one call per sample, 3-10 samples."""
 
-    params = (list(STEP_METHODS), DEVICES, BATCHES)
-    param_names = ["method", "device", "batch"]
     number = 1
     repeat = (3, 10, 10.0)
     rounds = 1
     warmup_time = 0.0
     timeout = 300
+
+
+class TrainStep(_StepTiming):
+    """One training step (forward, backward, Adam) of each method; seconds and peak memory."""
+
+    params = (list(STEP_METHODS), DEVICES, BATCHES)
+    param_names = ["method", "device", "batch"]
 
     def setup(self, method: str, device: str, batch: int) -> None:
         self.device = _check_size(device, batch)
@@ -210,16 +215,11 @@ class TrainStepMemory:
         self.step()
 
 
-class HandWrittenStep:
+class HandWrittenStep(_StepTiming):
     """The same step written directly in PyTorch (``bench/reference.py``), for comparison."""
 
     params = (["vi", "iwae-5", "iwae-50"], DEVICES, BATCHES)
     param_names = ["method", "device", "batch"]
-    number = 1
-    repeat = (3, 10, 10.0)
-    rounds = 1
-    warmup_time = 0.0
-    timeout = 300
 
     def setup(self, method: str, device: str, batch: int) -> None:
         self.device = _check_size(device, batch)
@@ -272,16 +272,11 @@ HMC_LEAPFROG = 10
 HMC_STEP_SIZE = 0.05
 
 
-class HMCTransition:
+class HMCTransition(_StepTiming):
     """One batched HMC transition (``HMC_LEAPFROG`` leapfrog steps), one chain per datapoint."""
 
     params = (DEVICES, BATCHES)
     param_names = ["device", "batch"]
-    number = 1
-    repeat = (3, 10, 10.0)
-    rounds = 1
-    warmup_time = 0.0
-    timeout = 300
 
     def setup(self, device: str, batch: int) -> None:
         self.device = _check_size(device, batch)
