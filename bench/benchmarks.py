@@ -290,7 +290,7 @@ class HMCTransition(_StepTiming):
         self.hmc = hmc
         self.log_density = lambda z: model.log_joint(x, z)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
-        z0 = torch.randn(batch, model.config.latent_dim, generator=self.generator, device=self.device)
+        z0 = model.sample_prior(x, 1, self.generator)[0]
         self.state = hmc.init(z0, self.log_density, step_size=HMC_STEP_SIZE)
         synchronize(self.device)
 

@@ -79,7 +79,7 @@ def build_model(args: argparse.Namespace) -> tuple[VAE, torch.Tensor, str]:
         sys.exit(f"hmc_vs_nuts: the decoder must be 784-200-200-50, got {cfg.data_dim}-{cfg.hidden}-{cfg.latent_dim}")
     model = model.float().eval()
     model.requires_grad_(False)            # decoder weights are constants for both samplers (and TorchScript)
-    x = evaluation_data(dataset, "test", cfg.likelihood)[: args.n].float()
+    x = evaluation_data(dataset, "test", model.likelihood)[: args.n].float()
     return model, x, source
 
 
@@ -103,7 +103,7 @@ def run_nuts(model: VAE, x: torch.Tensor, args: argparse.Namespace) -> dict[str,
     seconds, ess = [], []
     for i in range(args.nuts_datapoints):
         pyro.set_rng_seed(args.seed + i)
-        kernel = NUTS(model.generative, jit_compile=True, ignore_jit_warnings=True, target_accept_prob=0.8)
+        kernel = NUTS(model.generative.model, jit_compile=True, ignore_jit_warnings=True, target_accept_prob=0.8)
         mcmc = MCMC(kernel, num_samples=args.samples, warmup_steps=args.warmup, disable_progbar=True)
         start = time.perf_counter()
         with warnings.catch_warnings():

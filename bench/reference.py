@@ -42,7 +42,7 @@ class ReferenceStep:
     """
 
     def __init__(self, model: VAE, k: int, lr: float = 1e-3, eps: float = 1e-4) -> None:
-        if model.encoder is None or model.config.likelihood != "bernoulli" or model.config.decoder != "mlp":
+        if model.encoder is None or model.config.likelihood != "bernoulli" or model.config.model != "mlp":
             raise ValueError("the reference step needs an encoder, a Bernoulli likelihood and an MLP decoder")
         self.encoder = model.encoder
         self.decoder = model.decoder.net
@@ -51,7 +51,7 @@ class ReferenceStep:
 
     def bound(self, x: torch.Tensor) -> torch.Tensor:
         """IWAE_K per datapoint ``[n]``, differentiable in the encoder and decoder parameters."""
-        loc, scale = self.encoder(x)
+        loc, scale = self.encoder.moments(x)
         eps = torch.randn((self.k, *loc.shape), dtype=loc.dtype, device=loc.device)
         z = loc + scale * eps
         latent_dim = loc.shape[-1]

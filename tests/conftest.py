@@ -13,7 +13,7 @@ def make_linear_gaussian_vae(data_dim: int = 6, latent_dim: int = 2, seed: int =
                              encoder_hidden: tuple[int, ...] = (16,)) -> VAE:
     """A float64 linear-Gaussian VAE with random W, b and per-dimension noise scales."""
     g = torch.Generator().manual_seed(seed)
-    config = ModelConfig(data_dim=data_dim, latent_dim=latent_dim, hidden=(), decoder="linear",
+    config = ModelConfig(data_dim=data_dim, latent_dim=latent_dim, hidden=(), model="linear",
                          likelihood="gaussian", encoder_hidden=encoder_hidden)
     model = VAE(config).double()
     with torch.no_grad():

@@ -60,7 +60,7 @@ def test_reference_step_takes_the_same_adam_step_as_vaebench(method, k):
 
 
 def test_reference_rejects_models_it_does_not_write_out():
-    gaussian = VAE(ModelConfig(data_dim=4, latent_dim=2, hidden=(), decoder="linear", likelihood="gaussian"))
+    gaussian = VAE(ModelConfig(data_dim=4, latent_dim=2, hidden=(), model="linear", likelihood="gaussian"))
     with pytest.raises(ValueError, match="Bernoulli"):
         ReferenceStep(gaussian, 1)
 

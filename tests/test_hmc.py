@@ -125,7 +125,7 @@ def test_agrees_with_pyro_nuts_on_a_small_trained_model(small_trained_model):
     sq = (ours - flat.mean(0)).pow(2)
     ess_sq = effective_sample_size(sq, chain_dim=1, sample_dim=0)
     for i in range(x.shape[0]):
-        kernel = NUTS(model.generative, jit_compile=True, ignore_jit_warnings=True)
+        kernel = NUTS(model.generative.model, jit_compile=True, ignore_jit_warnings=True)
         mcmc = MCMC(kernel, num_samples=300, warmup_steps=150, disable_progbar=True)
         mcmc.run(x[i:i + 1])
         nuts = mcmc.get_samples()["z"][:, 0].detach()                                         # [S, D]

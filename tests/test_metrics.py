@@ -14,7 +14,7 @@ from vaebench.model import VAE
 
 def linear_model(data_dim=2, latent_dim=2, noise=0.5):
     """A float64 linear-Gaussian VAE with a linear encoder (no hidden layers)."""
-    config = ModelConfig(data_dim=data_dim, latent_dim=latent_dim, hidden=(), decoder="linear",
+    config = ModelConfig(data_dim=data_dim, latent_dim=latent_dim, hidden=(), model="linear",
                          likelihood="gaussian", gaussian_scale=noise, encoder_hidden=())
     return VAE(config).double()
 

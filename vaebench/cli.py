@@ -12,8 +12,9 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from vaebench.config import ACTIVATIONS, DECODERS, LIKELIHOODS, METHODS, ModelConfig, TrainConfig
+from vaebench.config import ACTIVATIONS, GUIDE_CHOICES, LIKELIHOODS, METHODS, TrainConfig
 from vaebench.data import DATASETS
+from vaebench.models.builtin import BUILTIN_MODELS
 from vaebench.errors import VaebenchError
 
 EXIT_USAGE = 2
@@ -69,6 +70,22 @@ def _hidden_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+# ---------------------------------------------------------------------------------------- models
+def _add_model_options(p: argparse.ArgumentParser, guides: bool = True) -> None:
+    """``--model SPEC [--model-arg KEY=VALUE ...] [--guide ...] [--flows N]`` (train and compare)."""
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help=f"built-in ({', '.join(BUILTIN_MODELS)}), path/to/file.py:factory or package.module:factory "
+                        "(default mlp; linear for linear-gaussian)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of the model factory (JSON value, else a string); repeatable")
+    if guides:
+        p.add_argument("--guide", choices=GUIDE_CHOICES[1:], default=None,
+                       help="model: the module's own guide(x) (default when it has one); gaussian: a diagonal "
+                            "Gaussian over all latents (default otherwise); iaf: the Gaussian followed by --flows "
+                            "inverse autoregressive flows")
+        p.add_argument("--flows", type=_positive_int, default=None, help="iaf flows (default 2)")
+
+
 # ---------------------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="learn θ (and φ) with vi, iwae or hmc and write a run directory",
@@ -79,17 +96,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_non_negative_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--k", type=_positive_int, default=None, help="importance samples for iwae (default 5)")
+    _add_model_options(p)
     p.add_argument("--latent-dim", type=_positive_int, default=None,
-                   help="latent dimension (default 50; 4 for linear-gaussian)")
-    p.add_argument("--hidden", type=_hidden_sizes, default=(200, 200), help="decoder widths, e.g. 200,200")
-    p.add_argument("--encoder-hidden", type=_hidden_sizes, default=None, help="encoder widths (default: --hidden)")
-    p.add_argument("--activation", choices=ACTIVATIONS, default="tanh")
-    p.add_argument("--decoder", choices=DECODERS, default=None,
-                   help="mlp or linear (default mlp; linear for linear-gaussian)")
+                   help="mlp/linear: latent dimension (default 50; 4 for linear-gaussian)")
+    p.add_argument("--hidden", type=_hidden_sizes, default=None, help="mlp: decoder widths (default 200,200)")
+    p.add_argument("--encoder-hidden", type=_hidden_sizes, default=None,
+                   help="widths of a built guide (default: --hidden for mlp/linear, else 200,200)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="mlp and built guides (default tanh)")
     p.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
-                   help="default: bernoulli for image data, gaussian for real-valued data")
+                   help="mlp/linear: default bernoulli for image data, gaussian for real-valued data")
     p.add_argument("--gaussian-scale", type=_positive_float, default=None,
-                   help="fixed observation std for the Gaussian likelihood (default: learned per dimension)")
+                   help="mlp/linear: fixed observation std of a Gaussian likelihood (default: learned)")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--lr-schedule", choices=("constant", "burda"), default="constant")
     p.add_argument("--vi-objective", choices=("trace", "meanfield"), default="trace",
@@ -109,7 +126,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from vaebench.data import load_dataset
+    from vaebench.data import check_compatible, load_dataset
+    from vaebench.models.loading import make_model_config, parse_model_args
     from vaebench.provenance import provenance, resolve_device
     from vaebench.rundir import check_destination, staged_directory, write_run
     from vaebench.training import initial_model, train
@@ -123,16 +141,18 @@ def _run_train(args: argparse.Namespace) -> int:
                             "encoder)")
     if args.method != "hmc" and (args.transitions is not None or args.leapfrog is not None):
         raise VaebenchError("--transitions and --leapfrog apply to --method hmc")
+    if args.method == "hmc" and (args.guide is not None or args.flows is not None):
+        raise VaebenchError("--guide and --flows do not apply to --method hmc (it learns the decoder without a guide)")
     check_destination(args.out, args.overwrite)
     dataset = load_dataset(args.dataset, args.data_dir)
     real_valued = dataset.kind == "real"
-    model_config = ModelConfig(
-        data_dim=dataset.data_dim,
-        latent_dim=args.latent_dim or (dataset.metadata.get("latent_dim", 4) if real_valued else 50),
-        hidden=args.hidden, activation=args.activation,
-        decoder=args.decoder or ("linear" if args.dataset == "linear-gaussian" else "mlp"),
-        likelihood=args.likelihood or ("gaussian" if real_valued else "bernoulli"),
-        gaussian_scale=args.gaussian_scale, encoder_hidden=args.encoder_hidden, encoder=args.method != "hmc")
+    model_config = make_model_config(
+        args.model or ("linear" if args.dataset == "linear-gaussian" else "mlp"), dataset.data_dim,
+        real_valued=real_valued, encoder=args.method != "hmc", model_args=parse_model_args(args.model_arg),
+        guide=args.guide, flows=args.flows, latent_dim=args.latent_dim, hidden=args.hidden,
+        activation=args.activation, likelihood=args.likelihood, gaussian_scale=args.gaussian_scale,
+        encoder_hidden=args.encoder_hidden,
+        default_latent_dim=dataset.metadata.get("latent_dim", 4) if real_valued else 50)
     hmc_settings = {key: value for key, value in (("hmc_transitions", args.transitions),
                                                   ("hmc_leapfrog", args.leapfrog)) if value is not None}
     train_config = TrainConfig(
@@ -141,9 +161,10 @@ def _run_train(args: argparse.Namespace) -> int:
         vi_objective=args.vi_objective, dreg=args.dreg, lr_schedule=args.lr_schedule,
         data_dir=args.data_dir, dtype=args.dtype, device=args.device, **hmc_settings)
     device = resolve_device(train_config.device)
+    model = initial_model(model_config, train_config.seed)      # a model that breaks the contract fails here
+    check_compatible(dataset, model.likelihood)
     with staged_directory(args.out, args.overwrite) as staging:
-        result = train(initial_model(model_config, train_config.seed), dataset, train_config,
-                       progress=not args.quiet)
+        result = train(model, dataset, train_config, progress=not args.quiet)
         last = result.history[-1] if result.history else {}
         summary = {"seconds": result.seconds, "gradient_evaluations": result.gradient_evaluations,
                    **{key: last[key] for key in ("train_bound", "test_elbo", "test_elbo_stderr") if key in last}}
@@ -151,7 +172,7 @@ def _run_train(args: argparse.Namespace) -> int:
                   summary)
     elbo_text = (f", test ELBO {summary['test_elbo']:.3f} ± {summary['test_elbo_stderr']:.3f} nats"
                  if "test_elbo" in summary else "")
-    print(f"wrote {args.out}: {args.method} on {args.dataset}, {args.epochs} epochs{elbo_text}, "
+    print(f"wrote {args.out}: {args.method} ({result.model.config.label}) on {args.dataset}, {args.epochs} epochs{elbo_text}, "
           f"{result.seconds:.1f} s")
     return 0
 
@@ -164,6 +185,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="Estimate the test log-likelihood (nats per datapoint) of a trained run.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--estimator", required=True, choices=tuple(ESTIMATORS))
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="the user model the run was trained with (required for runs of user models: vaebench "
+                        "never imports code because a run directory names it)")
     p.add_argument("--k", type=_positive_int, default=None,
                    help="samples per datapoint (elbo default 1, iwae default 5000)")
     p.add_argument("--split", choices=("train", "test"), default="test")
@@ -194,7 +218,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     ais_config = AISConfig(**ais_flags) if args.estimator in AIS_ESTIMATORS else None
     result = evaluate_run(args.run_dir, args.estimator, args.split,
                           EstimatorSettings(k=args.k, batch_size=args.batch_size, ais=ais_config), args.seed,
-                          args.device)
+                          args.device, model_spec=args.model)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -405,8 +405,8 @@ class Comparison:
         cfg = self.cfg
         model_config = ModelConfig(
             data_dim=self.dataset.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, activation=cfg.activation,
-            decoder="linear" if cfg.dataset == "linear-gaussian" else "mlp", likelihood=self.likelihood,
-            encoder=spec.has_encoder)
+            model="linear" if cfg.dataset == "linear-gaussian" else "mlp", likelihood=self.likelihood,
+            encoder=spec.has_encoder, guide="gaussian" if spec.has_encoder else "auto")
         extra: dict[str, Any] = {}
         if spec.method == "hmc":
             fields = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -15,6 +15,8 @@ from vaebench.errors import ConfigError
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "elu")
 DECODERS = ("mlp", "linear")
+"""Built-in models configured by ModelConfig's architecture fields."""
+GUIDE_CHOICES = ("auto", "model", "gaussian", "iaf")
 LIKELIHOODS = ("bernoulli", "gaussian")
 METHODS = ("vi", "iwae", "hmc")
 AIS_SCHEDULES = ("sigmoid", "linear")
@@ -40,48 +42,70 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the generative model p_θ(x|z)p(z) and of the encoder q_φ(z|x).
+    """The generative model p_θ(x|z)p(z) and the guide q_φ(z|x) of a run.
+
+    The model is named by ``model``: a built-in (``mlp``, ``linear``, ``burda-2layer``) or a user
+    SPEC (``path/to/file.py:factory``, ``package.module:factory``) whose factory is called as
+    ``factory(data_dim=P, **model_args)`` (:mod:`vaebench.models.loading`). The architecture fields
+    (``latent_dim`` ... ``gaussian_scale``) configure the built-ins ``mlp`` and ``linear`` only.
 
     Parameters
     ----------
     data_dim
         Number of observed dimensions P (pixels).
+    model
+        Built-in name or user SPEC.
+    model_args
+        Keyword arguments of a user factory (JSON values).
+    model_sha256
+        SHA-256 of a user model's file when the run was made (``None`` for built-ins).
     latent_dim
-        Latent dimension D; the prior is p(z) = N(0, I_D).
+        Latent dimension D of ``mlp``/``linear``; the prior is p(z) = N(0, I_D).
     hidden
-        Hidden-layer widths of the MLP decoder (ignored by the linear decoder).
+        Hidden-layer widths of the ``mlp`` decoder.
     activation
-        Hidden non-linearity: one of ``tanh`` (Burda et al. 2016), ``relu``, ``softplus``, ``elu``.
-    decoder
-        ``mlp`` or ``linear`` (x-parameters = W z + b).
+        Hidden non-linearity: one of ``tanh`` (Burda et al. 2016), ``relu``, ``softplus``, ``elu``
+        (also used by the built guides).
     likelihood
-        ``bernoulli`` (binary data; the decoder outputs logits) or ``gaussian``.
+        ``bernoulli`` (binary data; the decoder outputs logits) or ``gaussian`` (``mlp``/``linear``).
     gaussian_scale
         Fixed observation standard deviation for the Gaussian likelihood; ``None`` learns one
         scale per observed dimension.
     encoder
-        Whether the model has an amortised encoder (``False`` for HMC-trained decoders).
+        Whether the run has an amortised guide (``False`` for HMC-trained decoders).
+    guide
+        ``gaussian`` (diagonal Gaussian over the flattened latent), ``iaf`` (the same followed by
+        ``flows`` inverse autoregressive flows), ``model`` (the module's own ``guide(x)``) or
+        ``auto`` (``model`` when the module has a guide, else ``gaussian``; resolved when the model
+        is built).
+    flows
+        Number of IAF flows (``iaf`` only; 0 otherwise).
     encoder_hidden
-        Encoder hidden widths; ``None`` mirrors ``hidden``.
+        Hidden widths of a built guide; ``None`` mirrors ``hidden`` for ``mlp``/``linear`` and is
+        (200, 200) for other models.
     """
 
     data_dim: int
     latent_dim: int = 50
     hidden: tuple[int, ...] = (200, 200)
     activation: str = "tanh"
-    decoder: str = "mlp"
+    model: str = "mlp"
     likelihood: str = "bernoulli"
     gaussian_scale: float | None = None
     encoder: bool = True
     encoder_hidden: tuple[int, ...] | None = None
+    guide: str = "auto"
+    flows: int = 0
+    model_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_sha256: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.data_dim >= 1, f"data_dim must be >= 1, got {self.data_dim}")
+        _check(isinstance(self.data_dim, int) and self.data_dim >= 1, f"data_dim must be >= 1, got {self.data_dim}")
+        _check(isinstance(self.model, str) and bool(self.model), f"model must be a name or SPEC, got {self.model!r}")
         _check(1 <= self.latent_dim <= 4096, f"latent dimension must be in 1..4096, got {self.latent_dim}")
         _check(all(h >= 1 for h in self.hidden), f"hidden sizes must be positive, got {self.hidden}")
         _check(self.activation in ACTIVATIONS,
                f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        _check(self.decoder in DECODERS, f"unknown decoder {self.decoder!r}; choose from {', '.join(DECODERS)}")
         _check(self.likelihood in LIKELIHOODS,
                f"unknown likelihood {self.likelihood!r}; choose from {', '.join(LIKELIHOODS)}")
         _check(self.gaussian_scale is None or self.gaussian_scale > 0,
@@ -89,22 +113,49 @@ class ModelConfig:
         if self.encoder_hidden is not None:
             _check(all(h >= 1 for h in self.encoder_hidden),
                    f"encoder hidden sizes must be positive, got {self.encoder_hidden}")
+        _check(self.guide in GUIDE_CHOICES, f"unknown guide {self.guide!r}; choose from {', '.join(GUIDE_CHOICES)}")
+        if self.guide == "iaf":
+            _check(1 <= self.flows <= 64, f"--flows must be in 1..64 for --guide iaf, got {self.flows}")
+        else:
+            _check(self.flows == 0, f"--flows applies to --guide iaf, not {self.guide}")
+        _check(isinstance(self.model_args, Mapping) and all(isinstance(k, str) for k in self.model_args),
+               "model_args must map names to values")
+
+    @property
+    def is_builtin_architecture(self) -> bool:
+        """Whether the architecture fields configure the model (``mlp`` and ``linear``)."""
+        return self.model in DECODERS
 
     @property
     def resolved_encoder_hidden(self) -> tuple[int, ...]:
-        """Encoder widths: ``encoder_hidden`` or, by default, the mirror of ``hidden``."""
-        return self.hidden if self.encoder_hidden is None else self.encoder_hidden
+        """Built-guide widths: ``encoder_hidden``, else the mirror of ``hidden`` (``mlp``/``linear``) or (200, 200)."""
+        if self.encoder_hidden is not None:
+            return self.encoder_hidden
+        return self.hidden if self.is_builtin_architecture else (200, 200)
 
     @property
     def is_linear_gaussian(self) -> bool:
         """True when log p_θ(x) and p_θ(z|x) are available in closed form."""
-        return self.decoder == "linear" and self.likelihood == "gaussian"
+        return self.model == "linear" and self.likelihood == "gaussian"
+
+    @property
+    def label(self) -> str:
+        """``mlp``, ``mlp + iaf`` ...: the model and, where it is not the default, the guide."""
+        if not self.encoder or self.guide in ("gaussian", "model", "auto"):
+            return self.model
+        return f"{self.model} + {self.guide}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["model_args"] = dict(self.model_args)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        if "decoder" in data and "model" not in data:      # run directories written before the model contract
+            data["model"] = data.pop("decoder")
+            data.setdefault("guide", "gaussian")
         return _from_dict(cls, data)
 
 

@@ -144,7 +144,7 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
     if settings.ais is not None and estimator not in AIS_ESTIMATORS:
         raise ConfigError(f"AIS settings (--steps, --leapfrog, --chains, --schedule) apply to --estimator ais or "
                           f"bdmc, not {estimator}")
-    if model.config.likelihood == "bernoulli":
+    if model.likelihood == "bernoulli":
         check_binary(x, "evaluation data")
     elif not torch.isfinite(x).all():
         raise DataError("evaluation data contains NaN or infinite values")
@@ -158,20 +158,20 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
     mean, stderr = mean_and_stderr(values)
     result = {"estimator": estimator, "k": extra.pop("k"), "n": int(x.shape[0]), "log_likelihood": mean,
               "stderr": stderr, "seconds": seconds, "seed": seed, **extra}
-    if model.encoder is not None:
+    if model.has_encoder:
         result["active_units"] = active_units(model, x)
     return result
 
 
 def evaluate_run(run_dir: str | Path, estimator: str, split: str = "test",
-                 settings: EstimatorSettings = EstimatorSettings(), seed: int = 0, device: str = "auto"
-                 ) -> dict[str, Any]:
-    """Load a run directory, rebuild its data split, and :func:`evaluate` it."""
+                 settings: EstimatorSettings = EstimatorSettings(), seed: int = 0, device: str = "auto",
+                 model_spec: str | None = None) -> dict[str, Any]:
+    """Load a run directory (a user model's with ``model_spec``), rebuild its data split, and :func:`evaluate` it."""
     torch_device = resolve_device(device)
-    model, train_config, _ = load_run(run_dir, device=torch_device)
+    model, train_config, _ = load_run(run_dir, device=torch_device, model_spec=model_spec)
     dataset = load_dataset(train_config.dataset, train_config.data_dir)
     dtype = next(model.parameters()).dtype
-    x = evaluation_data(dataset, split, model.config.likelihood).to(device=torch_device, dtype=dtype)
+    x = evaluation_data(dataset, split, model.likelihood).to(device=torch_device, dtype=dtype)
     result = evaluate(model, x, estimator, settings, seed)
     return {**result, "dataset": train_config.dataset, "split": split, "method": train_config.method,
             "run_dir": str(run_dir), "provenance": provenance(torch_device)}

@@ -138,7 +138,8 @@ def gradient_snr(model: VAE, x: torch.Tensor, k: int, replicates: int, dreg: boo
     if replicates < 2:
         raise ValueError(f"need at least 2 replicates, got {replicates}")
     objective = DReGObjective(k) if dreg else iwae_objective(k)
-    groups = {"encoder": list(model._require_encoder().parameters()), "decoder": list(model.decoder.parameters())}
+    model._require_encoder()
+    groups = {"encoder": model.encoder_parameters(), "decoder": model.decoder_parameters()}
     params = groups["encoder"] + groups["decoder"]
     indices = torch.arange(x.shape[0])
     draws = []

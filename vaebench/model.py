@@ -1,211 +1,323 @@
-"""The one generative model p_θ(x|z)p(z), written once in Pyro, and its encoder q_φ(z|x).
+"""A generative model p_θ(x|z)p(z) and its guide q_φ(z|x), seen only through the model contract.
 
-Every density the package uses is read off a Pyro trace of :meth:`VAE.model` (or of
-:meth:`VAE.guide`), never written a second time: :meth:`VAE.log_joint` conditions the model on
-``z``, traces it, and sums the per-site ``log_prob`` tensors, which keep the data-plate dimension,
-so the result is per datapoint with any number of leading sample dimensions.
+:class:`LatentModel` wraps any module that follows :mod:`vaebench.models.contract` (a built-in or a
+user's), and derives from traces of its Pyro programs everything the methods and estimators use:
 
-Shapes: ``x`` is ``[n, data_dim]``; ``z`` is ``[..., n, latent_dim]``; per-datapoint densities
-are ``[..., n]``.
+* the flattened unconstrained latent ``u`` ``[..., n, D]`` (:class:`~vaebench.models.contract.LatentSpace`);
+* :meth:`~LatentModel.site_log_probs`: (log p(u), log p_θ(x|u)) per datapoint, read off a trace of
+  ``model(x)`` conditioned on the latents, with the log-det-Jacobian of constrained sites in log p(u);
+* :meth:`~LatentModel.encoder_proposal`: draws from the guide and their log-density (IS, ELBO, IWAE);
+* :meth:`~LatentModel.sample_prior` and :meth:`~LatentModel.simulate`: ancestral draws from p (AIS
+  starts, BDMC's simulated data).
+
+No method or estimator knows whether a model is built in. Shapes: ``x`` is ``[n, P]``; ``u`` is
+``[..., n, D]``; per-datapoint densities are ``[..., n]``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
+from torch.func import functional_call
 
 from vaebench.config import ModelConfig
-
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU,
-}
+from vaebench.errors import ConfigError
+from vaebench.models.builtin import ARCHITECTURE_MODELS
+from vaebench.models.contract import (LatentSpace, ModelContractError, _sample_sites, check_guide,
+                                      inspect_model, placeholder_batch)
+from vaebench.models.guides import GaussianGuide, build_guide
+from vaebench.models.loading import instantiate
 
 Proposal = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-"""``proposal(x, k) -> (z [k, n, latent_dim], log_q [k, n])``: draws and their log-density."""
+"""``proposal(x, k) -> (u [k, n, D], log_q [k, n])``: draws and their log-density."""
+
+MOMENT_SAMPLES = 64
+"""Draws used for the mean and spread of a guide that has no closed-form moments (IAF, user guides)."""
 
 
-def mlp(sizes: list[int], activation: str) -> nn.Sequential:
-    """Fully connected network with ``activation`` between layers and a linear output."""
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(sizes) - 2:
-            layers.append(_ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+def build_generative(config: ModelConfig) -> nn.Module:
+    """The module of ``config.model``: a built-in with the architecture fields, or the user's factory."""
+    if config.model in ARCHITECTURE_MODELS:
+        args = {"latent_dim": config.latent_dim, "hidden": config.hidden, "activation": config.activation,
+                "likelihood": config.likelihood, "gaussian_scale": config.gaussian_scale, **config.model_args}
+    else:
+        args = dict(config.model_args)
+    return instantiate(config.model, config.data_dim, args)
 
 
-class Decoder(nn.Module):
-    """z ↦ parameters of p_θ(x|z): Bernoulli logits, or a Gaussian mean and scale."""
+class _MethodCall(nn.Module):
+    """Calls ``inner.<method>`` as ``forward``, so :func:`torch.func.functional_call` can swap its parameters."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, inner: nn.Module, method: str) -> None:
         super().__init__()
-        self.config = config
-        if config.decoder == "linear":
-            self.net: nn.Module = nn.Linear(config.latent_dim, config.data_dim)
-        else:
-            self.net = mlp([config.latent_dim, *config.hidden, config.data_dim], config.activation)
-        if config.likelihood == "gaussian" and config.gaussian_scale is None:
-            self.log_scale = nn.Parameter(torch.zeros(config.data_dim))
-        else:
-            self.log_scale = None
+        self.inner = inner
+        self.method = method
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits or Gaussian means, ``[..., data_dim]``."""
-        return self.net(z)
-
-    def scale(self) -> torch.Tensor:
-        """Observation standard deviation per dimension (Gaussian likelihood only)."""
-        if self.log_scale is not None:
-            return self.log_scale.exp()
-        weight = next(self.parameters())
-        return torch.full((self.config.data_dim,), float(self.config.gaussian_scale),
-                          dtype=weight.dtype, device=weight.device)
-
-    def distribution(self, z: torch.Tensor) -> dist.TorchDistribution:
-        """p_θ(x|z) with the pixels as one event: batch shape ``z.shape[:-1]``."""
-        out = self(z)
-        if self.config.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.scale()).to_event(1)
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.inner, self.method)(*args)
 
 
-class Encoder(nn.Module):
-    """x ↦ (mean, standard deviation) of the diagonal Gaussian q_φ(z|x)."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        hidden = list(config.resolved_encoder_hidden)
-        self.body = mlp([config.data_dim, *hidden], config.activation) if hidden else nn.Identity()
-        if hidden:
-            self.body.append(_ACTIVATIONS[config.activation]())
-        width = hidden[-1] if hidden else config.data_dim
-        self.loc = nn.Linear(width, config.latent_dim)
-        self.log_scale = nn.Linear(width, config.latent_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)
-        return self.loc(h), self.log_scale(h).exp()
+def _with_detached_parameters(module: nn.Module, method: str, *args: Any) -> Any:
+    """``module.<method>(*args)`` with every parameter cut from the graph (DReG's stop-gradient on φ)."""
+    wrapper = _MethodCall(module, method)
+    params = {name: p.detach() for name, p in wrapper.named_parameters()}
+    return functional_call(wrapper, params, args, strict=False)
 
 
-class VAE(nn.Module):
-    """The generative model and (optionally) its amortised encoder.
+@contextlib.contextmanager
+def _seeded_from(generator: torch.Generator | None, like: torch.Tensor) -> Iterator[None]:
+    """Run a Pyro program with the global RNG seeded from ``generator`` (restored afterwards)."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    devices = [like.device.index or 0] if like.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
-    The Pyro program is
 
-    .. math::
-
-        z_i \\sim \\mathcal N(0, I_D), \\qquad x_i \\mid z_i \\sim p_θ(x \\mid z_i),
-        \\qquad i = 1..n \\text{ in plate ``data``},
-
-    and the guide is q_φ(z_i|x_i) = N(μ_φ(x_i), diag σ_φ(x_i)²) in the same plate.
+class LatentModel(nn.Module):
+    """A contract model with its guide: the object every method and estimator works with.
 
     Parameters
     ----------
     config
-        Architecture; see :class:`vaebench.config.ModelConfig`.
+        The model (built-in or user SPEC), guide and architecture; see :class:`~vaebench.config.ModelConfig`.
+    generative
+        An already-built module (the library's way to pass a user model directly); ``None`` builds
+        it from ``config``.
+
+    Raises
+    ------
+    ModelContractError
+        If the module or its guide breaks the contract (checked here, before any training).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, generative: nn.Module | None = None) -> None:
         super().__init__()
-        self.config = config
-        self.decoder = Decoder(config)
-        self.encoder = Encoder(config) if config.encoder else None
+        self.generative = generative if generative is not None else build_generative(config)
+        like = next(self.generative.parameters(), None)
+        self.space: LatentSpace = inspect_model(self.generative.model, config.data_dim, like)
+        has_own_guide = callable(getattr(self.generative, "guide", None))
+        guide = config.guide
+        if guide == "auto" and config.encoder:
+            guide = "model" if has_own_guide else "gaussian"
+        if guide == "model" and not has_own_guide:
+            raise ModelContractError(f"model {config.model!r} has no guide(x); use --guide gaussian or iaf")
+        self.config = dataclasses.replace(config, guide=guide)
+        self.encoder: GaussianGuide | None = None
+        self.own_guide = config.encoder and guide == "model"
+        if self.own_guide:
+            check_guide(self.generative.guide, self.space, like)
+        elif config.encoder:
+            self.encoder = build_guide(guide, self.space, config.resolved_encoder_hidden, config.activation,
+                                       config.flows)
+        self._encoder_names = self._guide_parameter_names()
+
+    # ------------------------------------------------------------------ what the contract exposes
+    @property
+    def latent_dim(self) -> int:
+        """D, the length of the flattened unconstrained latent."""
+        return self.space.dim
+
+    @property
+    def data_dim(self) -> int:
+        return self.space.data_dim
+
+    @property
+    def likelihood(self) -> str:
+        """``bernoulli`` (binary data required) or ``continuous``, read off the observed site."""
+        return self.space.likelihood
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.encoder is not None or self.own_guide
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The built-in one-latent models' decoder network (for tests and plots of built-ins)."""
+        decoder = getattr(self.generative, "decoder", None)
+        if decoder is None:
+            raise AttributeError(f"model {self.config.model!r} has no attribute 'decoder'")
+        return decoder
+
+    def _guide_parameter_names(self) -> set[str]:
+        """Names of the parameters the guide uses (found by differentiating one guide trace)."""
+        if self.encoder is not None:
+            return {f"encoder.{name}" for name, _ in self.encoder.named_parameters()}
+        if not self.own_guide:
+            return set()
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        like = next(self.generative.parameters())
+        with torch.enable_grad():
+            u, log_q = self.encoder_proposal(placeholder_batch(self.data_dim, like), 1)
+            grads = torch.autograd.grad((log_q.sum() + u.sum()), [p for _, p in named], allow_unused=True)
+        return {name for (name, _), grad in zip(named, grads) if grad is not None}
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """φ: the guide's parameters."""
+        return [p for name, p in self.named_parameters() if name in self._encoder_names]
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """θ: every parameter the guide does not use."""
+        return [p for name, p in self.named_parameters() if name not in self._encoder_names]
 
     # ------------------------------------------------------------------ Pyro programs
     def model(self, x: torch.Tensor) -> None:
-        """The Pyro model, registering the decoder's parameters (for SVI)."""
-        pyro.module("decoder", self.decoder)
-        self.generative(x)
+        """The Pyro model, registering the generative module's parameters (for SVI)."""
+        pyro.module("generative", self.generative)
+        self.generative.model(x)
 
-    def generative(self, x: torch.Tensor) -> None:
-        """p(z) p_θ(x|z) over a ``data`` plate of size ``x.shape[-2]`` (plate dim -1)."""
-        d = self.config.latent_dim
-        with pyro.plate("data", x.shape[-2], dim=-1):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(d), x.new_ones(d)).to_event(1))
-            pyro.sample("x", self.decoder.distribution(z), obs=x)
-
-    def guide(self, x: torch.Tensor) -> torch.Tensor:
-        """The Pyro guide q_φ(z|x), registering the encoder's parameters (for SVI)."""
-        pyro.module("encoder", self._require_encoder())
-        return self.inference_network(x)
-
-    def inference_network(self, x: torch.Tensor, detach_parameters: bool = False) -> torch.Tensor:
-        """q_φ(z|x) in the ``data`` plate; ``detach_parameters`` cuts μ, σ from the graph."""
-        loc, scale = self._require_encoder()(x)
-        if detach_parameters:
-            loc, scale = loc.detach(), scale.detach()
-        with pyro.plate("data", x.shape[-2], dim=-1):
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+    def guide(self, x: torch.Tensor) -> Any:
+        """The Pyro guide (the built one, or the module's own), registering its parameters."""
+        if self.own_guide:
+            pyro.module("generative", self.generative)
+            return self.generative.guide(x)
+        encoder = self._require_encoder()
+        pyro.module("encoder", encoder)
+        return encoder.guide(x)
 
     # ------------------------------------------------------------------ densities from traces
-    def site_log_probs(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(z), log p_θ(x|z)) per datapoint, read from a trace of the conditioned model."""
-        conditioned = poutine.condition(self.generative, data={"z": z})
-        trace = poutine.trace(conditioned).get_trace(x)
+    def _conditioned_trace(self, x: torch.Tensor, u: torch.Tensor) -> tuple[poutine.Trace, torch.Tensor]:
+        values, log_det = self.space.unflatten(u)
+        trace = poutine.trace(poutine.condition(self.generative.model, data=values)).get_trace(x)
         trace.compute_log_prob()
-        return trace.nodes["z"]["log_prob"], trace.nodes["x"]["log_prob"]
+        return trace, log_det
 
-    def log_prior(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(z), ``[..., n]`` (``x`` only fixes the plate size)."""
-        return self.site_log_probs(x, z)[0]
+    def site_log_probs(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(u), log p_θ(x|u)) per datapoint ``[..., n]``, from a trace of the conditioned model.
 
-    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p_θ(x|z), ``[..., n]``."""
-        return self.site_log_probs(x, z)[1]
+        log p(u) is the sum of the latent sites' log-densities plus log|det ∂z/∂u|.
+        """
+        trace, log_det = self._conditioned_trace(x, u)
+        log_prior = log_det
+        for site in self.space.sites:
+            log_prior = log_prior + trace.nodes[site.name]["log_prob"]
+        return log_prior, trace.nodes[self.space.observed]["log_prob"]
 
-    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p_θ(x, z) = log p(z) + log p_θ(x|z), ``[..., n]``: the unnormalised posterior."""
-        log_pz, log_px_z = self.site_log_probs(x, z)
+    def components(self, x: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``u -> (log p(u), log p_θ(x|u))``: the split AIS anneals."""
+        return lambda u: self.site_log_probs(x, u)
+
+    def log_prior(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """log p(u), ``[..., n]`` (``x`` only fixes the plate size)."""
+        return self.site_log_probs(x, u)[0]
+
+    def log_likelihood(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x|u), ``[..., n]``."""
+        return self.site_log_probs(x, u)[1]
+
+    def log_joint(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """log p_θ(x, u) = log p(u) + log p_θ(x|u), ``[..., n]``: the unnormalised posterior."""
+        log_pz, log_px_z = self.site_log_probs(x, u)
         return log_pz + log_px_z
 
-    def encoder_proposal(self, x: torch.Tensor, k: int, detach_parameters: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``k`` reparameterised samples from q_φ(z|x), traced from the guide.
+    def observation_mean(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Mean of p_θ(x|u) (Bernoulli probabilities, Gaussian means), ``[..., n, P]``."""
+        trace, _ = self._conditioned_trace(x, u)
+        return trace.nodes[self.space.observed]["fn"].mean
 
-        With ``detach_parameters`` the samples stay reparameterised (gradients flow to φ through
-        z) but their log-density is evaluated with μ, σ cut from the graph, as DReG requires.
+    # ------------------------------------------------------------------ ancestral draws
+    def sample_prior(self, x: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``num`` exact draws from p(u) per datapoint, ``[num, n, D]`` (ancestral, from the model's trace)."""
+        with _seeded_from(generator, x), torch.no_grad():
+            with pyro.plate("particles", num, dim=-2):
+                trace = poutine.trace(self.generative.model).get_trace(x)
+        u, _ = self.space.flatten({site.name: trace.nodes[site.name]["value"] for site in self.space.sites})
+        return u.expand(num, *u.shape[-2:]).detach()
 
-        Returns
-        -------
-        z : Tensor ``[k, n, latent_dim]``
-        log_q : Tensor ``[k, n]``
+    def simulate(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw (x ``[n, P]``, u ``[n, D]``) from p(z)p_θ(x|z) by running the model unconditioned.
+
+        u is an exact draw from p_θ(u | x) for its x (BDMC's reverse start).
         """
-        with pyro.plate("particles", k, dim=-2):
-            trace = poutine.trace(self.inference_network).get_trace(x)
-        z = trace.nodes["z"]["value"]
-        if detach_parameters:
-            return z, self.log_q(x, z, detach_parameters=True)
-        trace.compute_log_prob()
-        return z, trace.nodes["z"]["log_prob"]
-
-    def log_q(self, x: torch.Tensor, z: torch.Tensor, detach_parameters: bool = False) -> torch.Tensor:
-        """log q_φ(z|x), ``[..., n]``, from a trace of the guide conditioned on ``z``."""
-        conditioned = poutine.condition(self.inference_network, data={"z": z})
-        trace = poutine.trace(conditioned).get_trace(x, detach_parameters)
-        trace.compute_log_prob()
-        return trace.nodes["z"]["log_prob"]
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of q_φ(z|x), ``[n, latent_dim]`` each."""
-        return self._require_encoder()(x)
+        like = next(self.parameters())
+        placeholder = placeholder_batch(self.data_dim, like, rows=n)
+        with _seeded_from(generator, like), torch.no_grad():
+            trace = poutine.trace(poutine.uncondition(self.generative.model)).get_trace(placeholder)
+        u, _ = self.space.flatten({site.name: trace.nodes[site.name]["value"] for site in self.space.sites})
+        return trace.nodes[self.space.observed]["value"].detach(), u.detach()
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ancestral samples: z ~ p(z), then the mean of p_θ(x|z) (probabilities or Gaussian means)."""
-        weight = next(self.parameters())
-        z = torch.randn(n, self.config.latent_dim, generator=generator, dtype=weight.dtype,
-                        device="cpu").to(weight.device)
-        out = self.decoder(z)
-        return z, torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out
+        """Ancestral samples: u ~ p(u), then the mean of p_θ(x|u) (probabilities or Gaussian means)."""
+        x, u = self.simulate(n, generator)
+        return u, self.observation_mean(x, u)
 
-    def _require_encoder(self) -> "Encoder":
-        if self.encoder is None:
-            from vaebench.errors import ConfigError
-            raise ConfigError("this model has no encoder (it was trained with --method hmc); "
-                              "use --estimator ais")
-        return self.encoder
+    # ------------------------------------------------------------------ the guide as a proposal
+    def encoder_proposal(self, x: torch.Tensor, k: int, detach_parameters: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``k`` reparameterised samples u ~ q_φ(u|x) and their log-density.
+
+        With ``detach_parameters`` the samples stay reparameterised (gradients flow to φ through
+        u) but their log-density is evaluated with φ cut from the graph, as DReG requires.
+
+        Returns
+        -------
+        u : Tensor ``[k, n, D]``
+        log_q : Tensor ``[k, n]``
+        """
+        if self.own_guide:
+            with pyro.plate("particles", k, dim=-2):
+                trace = poutine.trace(self.generative.guide).get_trace(x)
+            values = {site.name: trace.nodes[site.name]["value"] for site in self.space.sites}
+            u, log_det = self.space.flatten(values)
+            u = u.expand(k, *u.shape[-2:])
+            if detach_parameters:
+                return u, self.log_q(x, u, detach_parameters=True)
+            return u, log_det + _guide_log_prob(trace)
+        q = self._require_encoder().distribution(x)
+        u = q.rsample((k,))
+        return u, (self.log_q(x, u, detach_parameters=True) if detach_parameters else q.log_prob(u))
+
+    def log_q(self, x: torch.Tensor, u: torch.Tensor, detach_parameters: bool = False) -> torch.Tensor:
+        """log q_φ(u|x), ``[..., n]`` (from a trace of the guide conditioned on u, for a module's own guide)."""
+        if self.own_guide:
+            values, log_det = self.space.unflatten(u)
+            scorer = _TraceGuide(self.generative)
+            trace = _with_detached_parameters(scorer, "forward", x, values) if detach_parameters else scorer(x, values)
+            return log_det + _guide_log_prob(trace)
+        return self._require_encoder().distribution(x, detach_parameters).log_prob(u)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of q_φ(u|x), ``[n, D]`` each (Monte Carlo where not closed-form)."""
+        if self.encoder is not None and self.encoder.exact_moments:
+            return self.encoder.moments(x)
+        self._require_encoder()
+        u, _ = self.encoder_proposal(x, MOMENT_SAMPLES)
+        return u.mean(0), u.std(0, unbiased=True)
+
+    def _require_encoder(self) -> nn.Module:
+        if self.encoder is None and not self.own_guide:
+            raise ConfigError("this model has no encoder (it was trained with --method hmc); use --estimator ais")
+        return self.encoder if self.encoder is not None else self.generative
+
+
+def _guide_log_prob(trace: poutine.Trace) -> torch.Tensor:
+    """Σ log q over a guide trace's sample sites (conditioned sites included: they are the guide's latents)."""
+    trace.compute_log_prob()
+    return sum(site["log_prob"] for site in _sample_sites(trace))
+
+
+class _TraceGuide(nn.Module):
+    """``forward(x, values)`` = a trace of ``inner.guide`` conditioned on ``values`` (for detached scoring)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, values: dict[str, torch.Tensor]) -> poutine.Trace:
+        return poutine.trace(poutine.condition(self.inner.guide, data=values)).get_trace(x)
+
+
+VAE = LatentModel
+"""The name this class had when vaebench had one built-in model; kept for the library API."""
+
+__all__ = ["LatentModel", "Proposal", "VAE", "build_generative"]

@@ -241,7 +241,7 @@ class Report:
         key = (train_config.dataset, train_config.data_dir)
         if key not in self._data:
             dataset = subset_dataset(load_dataset(*key), None, record["config"]["compare"].get("test_subset"))
-            self._data[key] = (evaluation_data(dataset, "test", model.config.likelihood), dataset.test_labels)
+            self._data[key] = (evaluation_data(dataset, "test", model.likelihood), dataset.test_labels)
         x, labels = self._data[key]
         return model, x.to(next(model.parameters()).dtype), labels
 
@@ -250,7 +250,7 @@ class Report:
         return [r for r in self.runs if r["seed"] == seed]
 
     def _posterior_draws(self, model: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, str]:
-        if model.encoder is not None:
+        if model.has_encoder:
             import pyro
             pyro.set_rng_seed(seed)
             with torch.no_grad():
@@ -320,12 +320,11 @@ class Report:
             generator = torch.Generator().manual_seed(record["seed"])
             _, samples = model.sample(columns, generator=generator)
             panels.append((f"{_label(record)}: samples", samples))
-            if model.encoder is not None:
+            if model.has_encoder:
                 with torch.no_grad():
                     loc, _ = model.encode(x[:columns])
-                    out = model.decoder(loc)
-                panels.append((f"{_label(record)}: reconstruction",
-                               torch.sigmoid(out) if model.config.likelihood == "bernoulli" else out))
+                    out = model.observation_mean(x[:columns], loc)
+                panels.append((f"{_label(record)}: reconstruction", out))
         fig = Figure(figsize=(columns * 0.75 + 1.6, 0.8 * len(panels) + 0.2))
         for r, (name, images) in enumerate(panels):
             for c in range(min(columns, images.shape[0])):

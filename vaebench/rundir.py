@@ -29,6 +29,7 @@ import torch
 from vaebench.config import ModelConfig, TrainConfig
 from vaebench.errors import ConfigError, RunDirError
 from vaebench.model import VAE
+from vaebench.models.loading import check_same_model
 
 CONFIG_FILE, WEIGHTS_FILE, LOG_FILE = "config.json", "model.pt", "log.jsonl"
 
@@ -113,8 +114,13 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
-             dtype: torch.dtype | None = None) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+             dtype: torch.dtype | None = None, model_spec: str | None = None
+             ) -> tuple[VAE, TrainConfig, dict[str, Any]]:
     """Rebuild the model of a run directory with its trained weights.
+
+    A run of a user model (``--model file.py:factory``) is rebuilt only when ``model_spec`` names
+    the same SPEC again and its file's SHA-256 is the recorded one: a run directory alone never
+    makes vaebench import code (:func:`vaebench.models.loading.check_same_model`).
 
     Returns
     -------
@@ -129,6 +135,7 @@ def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
         train_config = TrainConfig.from_dict(config["train"])
     except (ConfigError, TypeError) as exc:
         raise RunDirError(f"corrupt {run_dir / CONFIG_FILE}: {exc}") from None
+    check_same_model(model_config.model, model_config.model_sha256, model_spec, str(run_dir))
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise RunDirError(f"{run_dir} is incomplete: {WEIGHTS_FILE} is missing")
@@ -137,6 +144,9 @@ def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
         raise RunDirError(f"cannot load {weights}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     model = VAE(model_config)
+    if isinstance(state, dict) and any(k.startswith("decoder.") for k in state) \
+            and not any(k.startswith("generative.") for k in state):      # written before the model contract
+        state = {("generative." + k if k.startswith("decoder.") else k): v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -44,7 +44,7 @@ def linear_gaussian_parameters(model: VAE) -> tuple[torch.Tensor, torch.Tensor, 
     """(W ``[P, D]``, b ``[P]``, σ² ``[P]``) of a linear-Gaussian :class:`VAE`."""
     if not model.config.is_linear_gaussian:
         raise ConfigError("the exact estimator needs a linear decoder with a Gaussian likelihood "
-                          f"(this model: decoder={model.config.decoder}, likelihood={model.config.likelihood})")
+                          f"(this model: --model {model.config.model}, likelihood={model.config.likelihood})")
     linear = model.decoder.net
     return linear.weight, linear.bias, model.decoder.scale() ** 2
 

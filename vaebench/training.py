@@ -113,14 +113,14 @@ def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = Tr
     TrainingDivergedError
         If the bound becomes non-finite.
     """
-    check_compatible(dataset, model.config.likelihood)
+    check_compatible(dataset, model.likelihood)
     pyro.set_rng_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     model.to(device=device, dtype=dtype).train()
     objective = make_objective(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
-    x_test = evaluation_data(dataset, "test", model.config.likelihood).to(device=device, dtype=dtype)
+    x_test = evaluation_data(dataset, "test", model.likelihood).to(device=device, dtype=dtype)
     n = dataset.train.shape[0]
     batches_per_epoch = math.ceil(n / config.batch_size)
     history: list[dict[str, Any]] = []
@@ -133,7 +133,7 @@ def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = Tr
             lr = learning_rate(config, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x_epoch = training_data(dataset, model.config.likelihood, generator).to(device=device, dtype=dtype)
+            x_epoch = training_data(dataset, model.likelihood, generator).to(device=device, dtype=dtype)
             order = torch.randperm(n, generator=generator)
             bound_sum = 0.0
             for b in range(batches_per_epoch):
@@ -150,7 +150,7 @@ def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = Tr
                 bar.set_postfix(epoch=epoch + 1, bound=f"{bound_sum / min(n, (b + 1) * config.batch_size):.3f}")
             row = {"epoch": epoch + 1, "lr": lr, "train_bound": bound_sum / n,
                    "seconds": time.perf_counter() - start, "gradient_evaluations": spent}
-            if model.encoder is not None:
+            if model.has_encoder:
                 row["test_elbo"], row["test_elbo_stderr"] = test_elbo(model, x_test)
             history.append(row)
     finally:

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from pyro import poutine
 
 from vaebench.config import AISConfig
 from vaebench.estimators import log_mean_exp
@@ -277,8 +276,7 @@ def model_components(model: VAE, x: torch.Tensor) -> Components:
 
 
 def _prior_draws(model: VAE, x: torch.Tensor, chains: int, generator: torch.Generator) -> torch.Tensor:
-    shape = (chains, x.shape[0], model.config.latent_dim)   # p(z) = N(0, I), the model's prior
-    return torch.randn(shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return model.sample_prior(x, chains, generator)
 
 
 def ais(model: VAE, x: torch.Tensor, config: AISConfig, generator: torch.Generator, batch_size: int = 100
@@ -317,11 +315,7 @@ def simulate(model: VAE, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     Uses Pyro's global RNG (seed it with ``pyro.set_rng_seed``). z is an exact draw from
     p_θ(z | x) for its x.
     """
-    weight = next(model.parameters())
-    placeholder = torch.zeros(n, model.config.data_dim, dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        trace = poutine.trace(poutine.uncondition(model.generative)).get_trace(placeholder)
-    return trace.nodes["x"]["value"].detach(), trace.nodes["z"]["value"].detach()
+    return model.simulate(n)
 
 
 def bdmc(model: VAE, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConfig, generator: torch.Generator,

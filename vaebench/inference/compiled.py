@@ -47,6 +47,7 @@ import pyro
 import torch
 from torch import nn
 
+from vaebench.errors import VaebenchError
 from vaebench.estimators import log_weights
 from vaebench.model import VAE
 
@@ -106,21 +107,31 @@ class CompiledLogWeights:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.compiled = compiled and jit_available()
         self.cache_size = cache_size
-        self._programs: OrderedDict[Hashable, torch.jit.ScriptModule] = OrderedDict()
+        self._programs: OrderedDict[Hashable, torch.jit.ScriptModule | None] = OrderedDict()
+        self._warned = False
 
     def __call__(self, model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False) -> torch.Tensor:
         if not self.compiled:
             return eager_log_weights(model, x, k, detach_encoder)
         key = (id(model), tuple(x.shape), x.dtype, x.device, k, detach_encoder, torch.is_grad_enabled())
-        program = self._programs.get(key)
-        if program is None:
-            program = self._compile(model, x, k, detach_encoder)
-            self._programs[key] = program
+        if key not in self._programs:
+            try:
+                self._programs[key] = self._compile(model, x, k, detach_encoder)
+            except VaebenchError:
+                raise
+            except Exception as exc:          # a user program torch.jit.trace cannot record: run it eagerly
+                self._programs[key] = None
+                if not self._warned:
+                    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    warnings.warn(f"vaebench: the log-weights of model {model.config.model!r} cannot be compiled "
+                                  f"({message}); using the eager Pyro traces (same numbers, slower)", stacklevel=2)
+                    self._warned = True
             while len(self._programs) > self.cache_size:
                 self._programs.popitem(last=False)
         else:
             self._programs.move_to_end(key)
-        return program(x)
+        program = self._programs[key]
+        return eager_log_weights(model, x, k, detach_encoder) if program is None else program(x)
 
     @staticmethod
     def _compile(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool) -> torch.jit.ScriptModule:

@@ -504,10 +504,8 @@ def sample_posterior(model: VAE, x: torch.Tensor, config: HMCConfig, generator: 
                      keep_samples: bool = True) -> HMCResult:
     """Sample p_θ(z_i | x_i) for every row of ``x`` with ``config.chains`` chains each.
 
-    Chains start from prior draws z ~ N(0, I) (the model's p(z)) and target
-    ``model.log_joint(x, z)``. Draws are ``[num_samples, chains, n, D]``.
+    Chains start from exact prior draws u ~ p(u) (:meth:`~vaebench.model.LatentModel.sample_prior`)
+    and target ``model.log_joint(x, u)``. Draws are ``[num_samples, chains, n, D]``.
     """
-    dtype = x.dtype
-    shape = (config.chains, x.shape[0], model.config.latent_dim)
-    z0 = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(x.device)
+    z0 = model.sample_prior(x, config.chains, generator)
     return sample(lambda z: model.log_joint(x, z), z0, config, generator, keep_samples)

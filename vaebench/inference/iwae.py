@@ -99,8 +99,8 @@ class DReGObjective:
         self.log_weights = CompiledLogWeights(compiled)
 
     def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
-        encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
-        decoder_params = [p for p in model.decoder.parameters() if p.requires_grad]
+        encoder_params = [p for p in model.encoder_parameters() if p.requires_grad]
+        decoder_params = [p for p in model.decoder_parameters() if p.requires_grad]
         log_w = self.log_weights(model, x, self.k, detach_encoder=True)
         bound = log_mean_exp(log_w, dim=0)
         with torch.no_grad():

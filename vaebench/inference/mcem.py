@@ -84,8 +84,8 @@ class HMCEMObjective:
         have = 0 if self.latents is None else self.latents.shape[0]
         if size <= have:
             return
-        new = torch.randn((size - have, model.config.latent_dim), generator=self.generator,
-                          dtype=like.dtype).to(like.device)
+        placeholder = like.new_zeros(size - have, model.data_dim)
+        new = model.sample_prior(placeholder, 1, self.generator)[0]
         old = (self.latents, self.log_step_size, self.visited) if self.latents is not None else (
             new[:0], like.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=like.device))
         self.latents = torch.cat([old[0], new])
