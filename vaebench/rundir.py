@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
@@ -235,10 +236,11 @@ def _checkpoint_problem(weights: Path, exc: BaseException) -> str:
         size = None
     if size == 0:
         return f"checkpoint {weights} is empty (0 bytes); retrain the run or restore the file"
-    if isinstance(exc, (EOFError, OSError, RuntimeError, ValueError)) or "zip archive" in str(exc):
-        return (f"checkpoint {weights} is truncated or corrupt ({size} bytes; torch.load: "
-                f"{type(exc).__name__}); retrain the run or restore the file")
-    return f"cannot load checkpoint {weights}: {type(exc).__name__}: {first_line(exc)}"
+    if not zipfile.is_zipfile(weights) or isinstance(exc, (EOFError, OSError)) or "zip archive" in str(exc):
+        return (f"checkpoint {weights} is truncated or corrupt ({size} bytes, not a complete PyTorch "
+                f"checkpoint; torch.load: {type(exc).__name__}); retrain the run or restore the file")
+    return (f"cannot load checkpoint {weights}: {type(exc).__name__}: "
+            f"{first_line(exc).split('. ')[0].rstrip('.')}")
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
