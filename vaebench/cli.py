@@ -396,7 +396,8 @@ def _run_report(args: argparse.Namespace) -> int:
 def _add_asv_table(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("asv-table", help="print asv's benchmark results as a table",
                        description="Load asv's result files (one row per machine, commit, benchmark and "
-                                   "parameters: benchmark, params, value, unit, status, commit, machine, date) "
+                                   "parameters: benchmark, params, value, unit, status, commit, machine, "
+                                   "environment, python, requirements, run_date, commit_date) "
                                    "and print them.")
     p.add_argument("results_dir", metavar="RESULTS_DIR", nargs="?", default=".asv/results",
                    help="asv results directory (default .asv/results)")
