@@ -92,7 +92,26 @@ def test_every_value_becomes_one_row_with_its_parameters_unit_and_status(results
     broken = row(table, "benchmarks.track_broken", "", "a" * 40)
     assert broken.status == "failed"
     later = row(table, "benchmarks.LogLikelihood.track_test_nll_is", "method=vi", "b" * 40)
-    assert later.value == 30.25 and later.date == pd.Timestamp(1_700_000_100_000, unit="ms", tz="UTC")
+    assert later.value == 30.25 and later.commit_date == pd.Timestamp(1_700_000_100_000, unit="ms", tz="UTC")
+    assert later.run_date == pd.Timestamp(1, unit="ms", tz="UTC")             # started_at, not the commit date
+    assert (later.environment, later.python, later.requirements) == ("existing-py", "3.11", "")
+
+
+def test_two_environments_of_one_commit_are_told_apart(results, capsys):
+    path = results / "box" / ("b" * 8 + "-existing-py.json")
+    run = json.loads(path.read_text())
+    run.update(env_name="virtualenv-py3.11-torch2.13.0", requirements={"torch": "2.13.0", "pyro-ppl": ""})
+    nll = run["results"]["benchmarks.LogLikelihood.track_test_nll_is"]
+    nll[0], nll[3] = [31.0, 30.0], 1_800_000_000_000
+    (results / "box" / ("b" * 8 + "-virtualenv-py3.11-torch2.13.0.json")).write_text(json.dumps(run))
+    table = load_asv_results(results)
+    both = table[(table.benchmark == "benchmarks.LogLikelihood.track_test_nll_is") & (table.params == "method=vi")
+                 & (table.commit == "b" * 40)]
+    assert list(both.environment) == ["existing-py", "virtualenv-py3.11-torch2.13.0"]
+    assert list(both.value) == [30.25, 31.0] and list(both.requirements) == ["", "pyro-ppl, torch==2.13.0"]
+    assert both.iloc[1].run_date == pd.Timestamp(1_800_000_000_000, unit="ms", tz="UTC")
+    status, out, _ = run_cli(["asv-table", str(results), "--benchmark", "track_test_nll"], capsys)
+    assert status == 0 and "virtualenv-py3.11-torch2.13.0" in out and "2027-01-15" in out
 
 
 def test_rows_are_ordered_by_machine_benchmark_and_commit_date(results):

@@ -61,7 +61,7 @@ BAD = [
     (["train", "--method", "bogus", "--dataset", "digits", "--out", "{tmp}/r"], "invalid choice"),
     (["train", "--method", "vi", "--dataset", "cifar", "--out", "{tmp}/r"], "invalid choice"),
     (["train", "--method", "vi", "--dataset", "digits", "--epochs", "-1", "--out", "{tmp}/r"], "non-negative"),
-    (["train", "--method", "iwae", "--k", "0", "--dataset", "digits", "--out", "{tmp}/r"], "positive integer"),
+    (["train", "--method", "iwae", "--k", "0", "--dataset", "digits", "--out", "{tmp}/r"], "in 1..100000"),
     (["train", "--method", "vi", "--dataset", "digits", "--lr", "nan", "--out", "{tmp}/r"], "positive"),
     (["train", "--method", "vi", "--dataset", "digits", "--hidden", "20,x", "--out", "{tmp}/r"], "widths"),
     (["train", "--method", "vi", "--dataset", "linear-gaussian", "--likelihood", "bernoulli", "--out", "{tmp}/r"],
@@ -72,7 +72,7 @@ BAD = [
     (["evaluate", "{tmp}/missing", "--estimator", "elbo"], "does not exist"),
     (["evaluate", "{tmp}", "--estimator", "elbo"], "not a run directory"),
     (["evaluate", "{tmp}", "--estimator", "magic"], "invalid choice"),
-    (["evaluate", "{tmp}", "--estimator", "iwae", "--k", "0"], "positive integer"),
+    (["evaluate", "{tmp}", "--estimator", "iwae", "--k", "0"], "in 1..100000"),
 ]
 
 

@@ -132,3 +132,31 @@ def test_uncompiled_path_runs_the_pyro_traces():
     pyro.set_rng_seed(1)
     torch.testing.assert_close(a, eager_log_weights(model, x, 3))
     assert not compiled._programs
+
+
+def test_a_new_model_at_a_freed_models_address_is_compiled_afresh(monkeypatch):
+    """Programs are keyed on a weak reference, not ``id(model)``: CPython reuses freed addresses."""
+    import gc
+
+    compiled = CompiledLogWeights()
+    compiles = []
+    original = CompiledLogWeights._compile
+    monkeypatch.setattr(CompiledLogWeights, "_compile",
+                        staticmethod(lambda *a: compiles.append(id(a[0])) or original(*a)))
+    x = bernoulli_vae()[1]
+    seen_ids, reused = set(), False
+    for seed in range(6):                      # free each model before building the next
+        torch.manual_seed(seed)
+        model = VAE(ModelConfig(data_dim=12, latent_dim=3, hidden=(10,))).double()
+        reused |= id(model) in seen_ids
+        seen_ids.add(id(model))
+        pyro.set_rng_seed(3)
+        replayed = compiled(model, x, 4)
+        pyro.set_rng_seed(3)
+        with torch.no_grad():
+            expected = eager_log_weights(model, x, 4)
+        torch.testing.assert_close(replayed.detach(), expected)     # this model's parameters, not a freed one's
+        del model, replayed
+        gc.collect()
+    assert len(compiles) == 6                  # one compile per model, recycled address or not
+    assert len(compiled._programs) <= 1        # programs of freed models are dropped

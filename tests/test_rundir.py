@@ -49,7 +49,7 @@ def test_corrupt_or_incomplete_run_directories(tmp_path):
     with staged_directory(out) as staging:
         write_run(staging, VAE(ModelConfig(data_dim=5, latent_dim=2, hidden=(3,))), TrainConfig(), {}, {}, [], {})
     (out / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(RunDirError, match="cannot load"):
+    with pytest.raises(RunDirError, match="truncated or corrupt"):
         load_run(out)
     config = json.loads((out / "config.json").read_text())
     config["model"]["latent_dim"] = 3

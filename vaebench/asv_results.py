@@ -4,9 +4,11 @@ asv 0.6 writes, under its results directory (``.asv/results`` in this repository
 
 * ``benchmarks.json`` -- every benchmark of the suite: ``unit``, ``param_names``, ``params``;
 * ``<machine>/machine.json`` -- the machine's description;
-* ``<machine>/<commit[:8]>-<environment>.json`` -- one run: ``commit_hash``, ``date`` (ms since the
-  epoch), ``params`` (machine and environment), ``result_columns`` and ``results``, which maps a
-  benchmark name to a list aligned with ``result_columns``. Its ``result`` entry is a list with
+* ``<machine>/<commit[:8]>-<environment>.json`` -- one run: ``commit_hash``, ``date`` (the
+  *commit's* date, ms since the epoch), ``env_name``, ``python``, ``requirements`` (the
+  environment), ``params`` (machine and environment), ``result_columns`` and ``results``, which
+  maps a benchmark name to a list aligned with ``result_columns``. Its ``started_at`` entry is
+  when that benchmark ran (ms since the epoch). Its ``result`` entry is a list with
   one value per combination of the benchmark's parameters, in :func:`itertools.product` order
   (``NaN`` where the combination was skipped, ``null`` where it failed), or ``null`` when the
   whole benchmark failed; its ``params`` entry lists each parameter's values as Python reprs.
@@ -27,8 +29,12 @@ import pandas as pd
 
 from vaebench.errors import DataError
 
-COLUMNS = ("benchmark", "params", "value", "unit", "status", "commit", "machine", "date")
-"""Columns of the table: ``status`` is ``ok``, ``skipped`` or ``failed`` (``value`` NaN unless ok)."""
+COLUMNS = ("benchmark", "params", "value", "unit", "status", "commit", "machine", "environment", "python",
+           "requirements", "run_date", "commit_date")
+"""Columns of the table: ``status`` is ``ok``, ``skipped`` or ``failed`` (``value`` NaN unless ok);
+``environment`` is asv's environment name, ``python`` and ``requirements`` (``name==version``,
+comma-separated; empty for ``--python=same``) what it holds, so two environments of one commit
+are told apart; ``run_date`` is when the benchmark ran, ``commit_date`` the commit's date (both UTC)."""
 
 RESULTS_FORMAT_VERSION = 2
 """The ``version`` of asv 0.6's per-run result files."""
@@ -47,6 +53,13 @@ def _param_value(text: Any) -> str:
         return str(ast.literal_eval(text))
     except (ValueError, SyntaxError, TypeError):
         return str(text)
+
+
+def _timestamp(ms: Any) -> pd.Timestamp:
+    """asv's JavaScript timestamps (ms since the epoch) as UTC times; NaT when absent or not a number."""
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms):
+        return pd.NaT
+    return pd.to_datetime(ms, unit="ms", utc=True)
 
 
 def _status(value: Any) -> str:
@@ -68,7 +81,14 @@ def _rows(path: Path, run: Any, benchmarks: dict[str, Any]) -> list[dict[str, An
         raise DataError(f"{path}: result_columns lacks 'result' or 'params'")
     result_at, params_at = columns.index("result"), columns.index("params")
     machine = (run.get("params") or {}).get("machine", path.parent.name)
-    date = pd.to_datetime(run["date"], unit="ms", utc=True) if run.get("date") is not None else pd.NaT
+    commit_date = _timestamp(run.get("date"))
+    environment = str(run.get("env_name") or path.stem.split("-", 1)[-1])
+    python = str(run.get("python") or (run.get("params") or {}).get("python") or "")
+    requirements = run.get("requirements") or {}
+    requirements = ", ".join(f"{name}=={version}" if version else str(name)
+                             for name, version in sorted(requirements.items())) \
+        if isinstance(requirements, dict) else str(requirements)
+    started_at = columns.index("started_at") if "started_at" in columns else None
     rows = []
     for name, entry in run["results"].items():
         if not isinstance(entry, list) or len(entry) <= max(result_at, params_at):
@@ -93,7 +113,12 @@ def _rows(path: Path, run: Any, benchmarks: dict[str, Any]) -> list[dict[str, An
                 "status": status,
                 "commit": run["commit_hash"],
                 "machine": machine,
-                "date": date,
+                "environment": environment,
+                "python": python,
+                "requirements": requirements,
+                "run_date": _timestamp(entry[started_at] if started_at is not None and len(entry) > started_at
+                                       else None),
+                "commit_date": commit_date,
             })
     return rows
 
@@ -123,7 +148,10 @@ def load_asv_results(results_dir: str | Path) -> pd.DataFrame:
     if not rows:
         raise DataError(f"no asv results under {root}")
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return table.sort_values(["machine", "benchmark", "date", "commit"], kind="stable").reset_index(drop=True)
+    for column in ("run_date", "commit_date"):
+        table[column] = pd.to_datetime(table[column], utc=True)
+    return table.sort_values(["machine", "benchmark", "commit_date", "commit", "environment", "run_date"],
+                             kind="stable").reset_index(drop=True)
 
 
 def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
@@ -133,5 +161,6 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown") -> str:
     if fmt != "markdown":
         raise ValueError(f"unknown format {fmt!r}; choose markdown or csv")
     shown = table.assign(commit=table["commit"].str[:8],
-                         date=table["date"].dt.strftime("%Y-%m-%d %H:%M"))
+                         **{column: table[column].dt.strftime("%Y-%m-%d %H:%M").fillna("")
+                            for column in ("run_date", "commit_date")})
     return shown.to_markdown(index=False, floatfmt=".6g")

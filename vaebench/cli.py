@@ -2,23 +2,67 @@
 
 Every user error (unknown name, out-of-range number, missing or corrupt file, NaNs, non-binary
 data under a Bernoulli likelihood) is reported as one line ``vaebench: error: ...`` on stderr
-with exit status 2; an interrupt exits with 130. Nothing partial is left on disk in either case.
+with exit status 2; an interrupt (SIGINT, SIGTERM, SIGHUP) exits with 128 + the signal's number
+(130, 143, 129). Nothing partial is left on disk in either case.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from typing import Callable, Sequence
 
-from vaebench.config import ACTIVATIONS, GUIDE_CHOICES, LIKELIHOODS, METHODS, TrainConfig
+from vaebench.config import ACTIVATIONS, GUIDE_CHOICES, LIKELIHOODS, MAX_K, MAX_SEED, METHODS, TrainConfig
 from vaebench.data import DATASETS
 from vaebench.models.builtin import BUILTIN_MODELS
 from vaebench.errors import VaebenchError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""Signals that, like SIGINT, interrupt the command cleanly (staging folders removed)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM or SIGHUP, so every ``except KeyboardInterrupt`` /
+    ``finally`` cleanup (staging folders, progress bars) runs as it does for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    for other in TERMINATING_SIGNALS:   # one signal interrupts; a repeat must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminating_signals_interrupt():
+    """Install :func:`_raise_terminated` for SIGTERM/SIGHUP (main thread only); restore on exit."""
+    try:
+        previous = {signum: signal.signal(signum, _raise_terminated) for signum in TERMINATING_SIGNALS}
+    except ValueError:                  # not the main thread: leave signal handling alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupt_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _interrupt_name(exc: KeyboardInterrupt) -> str:
+    signum = getattr(exc, "signum", None)
+    return "interrupted" if signum is None else f"interrupted by {signal.Signals(signum).name}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +90,24 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
+
+
+def _int_in(low: int, high: int, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (the message names the range)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} in {low}..{high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in {low}..{high}, got {value}")
+        return value
+    parse.__name__ = "integer"          # argparse names the type in some messages
+    return parse
+
+
+_seed = _int_in(0, MAX_SEED, "a seed")
+_k = _int_in(1, MAX_K, "a number of samples")
 
 
 def _positive_float(text: str) -> float:
@@ -95,7 +157,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--epochs", type=_non_negative_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=100)
-    p.add_argument("--k", type=_positive_int, default=None, help="importance samples for iwae (default 5)")
+    p.add_argument("--k", type=_k, default=None, help=f"importance samples for iwae, 1..{MAX_K} (default 5)")
     _add_model_options(p)
     p.add_argument("--latent-dim", type=_positive_int, default=None,
                    help="mlp/linear: latent dimension (default 50; 4 for linear-gaussian)")
@@ -116,7 +178,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="hmc: HMC transitions per minibatch from the stored latents (default 3)")
     p.add_argument("--leapfrog", type=_positive_int, default=None,
                    help="hmc: leapfrog steps per HMC transition (default 10)")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED} (default 0)")
     p.add_argument("--data-dir", default=None, help="directory of IDX files (mnist, fashion-mnist)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -188,10 +250,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, metavar="SPEC",
                    help="the user model the run was trained with (required for runs of user models: vaebench "
                         "never imports code because a run directory names it)")
-    p.add_argument("--k", type=_positive_int, default=None,
-                   help="samples per datapoint (elbo default 1, iwae default 5000)")
+    p.add_argument("--k", type=_k, default=None,
+                   help=f"samples per datapoint, 1..{MAX_K} (elbo default 1, iwae default 5000)")
     p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help=f"0..{MAX_SEED} (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=100, help="datapoints per batch")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--steps", type=_positive_int, default=None, metavar="T",
@@ -203,6 +265,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=("sigmoid", "linear"), default=None,
                    help="ais/bdmc: spacing of the inverse temperatures (default sigmoid)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: only when stderr is a terminal)")
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -218,31 +282,40 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     ais_config = AISConfig(**ais_flags) if args.estimator in AIS_ESTIMATORS else None
     result = evaluate_run(args.run_dir, args.estimator, args.split,
                           EstimatorSettings(k=args.k, batch_size=args.batch_size, ais=ais_config), args.seed,
-                          args.device, model_spec=args.model)
+                          args.device, progress=args.progress, model_spec=args.model)
     if args.json:
         print(json.dumps(result))
         return 0
     k = f" K={result['k']}" if result["k"] is not None else ""
     ess = f", ESS mean {result['ess_mean']:.1f}" if "ess_mean" in result else ""
     units = f", {result['active_units']} active units" if "active_units" in result else ""
+    where = f"{result['dataset']}/{result['split']} (n={result['n']})"
     if result["estimator"] == "bdmc":
-        units += (f"; BDMC on {result['n']} simulated datapoints: lower {result['lower']:.3f}, "
-                  f"upper {result['upper']:.3f}, gap {result['gap']:.3f} ± {result['gap_stderr']:.3f} nats")
-    print(f"{result['estimator']}{k} on {result['dataset']}/{result['split']} (n={result['n']}): "
+        where = f"{result['n']} datapoints simulated from the model"
+        units += (f"; lower {result['lower']:.3f}, upper {result['upper']:.3f}, "
+                  f"gap {result['gap']:.3f} ± {result['gap_stderr']:.3f} nats")
+    print(f"{result['estimator']}{k} on {where}: "
           f"log p(x) ≈ {result['log_likelihood']:.3f} ± {result['stderr']:.3f} nats{ess}{units}, "
           f"{result['seconds']:.1f} s")
     return 0
 
 
 # -------------------------------------------------------------------------- compare, table, report
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str, high: int | None = None) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    if high is not None and any(v > high for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers in 0..{high}, got {text!r}")
     return values
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    """Comma-separated seeds, each in 0..MAX_SEED."""
+    return _int_list(text, MAX_SEED)
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -263,7 +336,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RESULTS_DIR", help="results directory (created or resumed)")
     p.add_argument("--preset", default="quick", metavar="|".join(PUBLIC_PRESETS),
                    help="quick: offline digits, minutes on a CPU (default); paper: Burda et al.'s MNIST protocol")
-    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (preset: 0,1,2)")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help=f"comma-separated seeds in 0..{MAX_SEED} (preset: 0,1,2)")
     p.add_argument("--methods", type=_name_list, default=None, help="subset of vi,iwae,hmc (default: all three)")
     p.add_argument("--k", type=_int_list, default=None, help="K of each iwae run (default 5,50)")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="override the preset's data set")
@@ -287,10 +361,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         ran = comparison.run()
-    except KeyboardInterrupt:
-        print(f"vaebench: compare interrupted; finished stages are kept in {args.out}; rerun the same command "
-              "to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"vaebench: compare {_interrupt_name(exc)}; finished stages are kept in {args.out}; rerun the "
+              "same command to resume", file=sys.stderr)
+        return interrupt_status(exc)
     print(format_table(read_records(args.out), "markdown"))
     skipped = len(comparison.stages) - len(ran)
     resumed = f" ({skipped} already done, resumed)" if skipped else ""
@@ -345,7 +419,8 @@ def _run_report(args: argparse.Namespace) -> int:
 def _add_asv_table(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("asv-table", help="print asv's benchmark results as a table",
                        description="Load asv's result files (one row per machine, commit, benchmark and "
-                                   "parameters: benchmark, params, value, unit, status, commit, machine, date) "
+                                   "parameters: benchmark, params, value, unit, status, commit, machine, "
+                                   "environment, python, requirements, run_date, commit_date) "
                                    "and print them.")
     p.add_argument("results_dir", metavar="RESULTS_DIR", nargs="?", default=".asv/results",
                    help="asv results directory (default .asv/results)")
@@ -390,13 +465,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vaebench`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with _terminating_signals_interrupt():
+            return args.handler(args)
     except VaebenchError as exc:
-        print(f"vaebench: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split()) or type(exc).__name__      # always exactly one line
+        print(f"vaebench: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("vaebench: interrupted; no partial results were written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"vaebench: {_interrupt_name(exc)}; no partial results were written", file=sys.stderr)
+        return interrupt_status(exc)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ immutable, validated on construction, and round-trip through JSON (``to_dict`` /
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,6 +24,10 @@ METHODS = ("vi", "iwae", "hmc")
 AIS_SCHEDULES = ("sigmoid", "linear")
 VI_OBJECTIVES = ("trace", "meanfield")
 DTYPES = ("float32", "float64")
+MAX_K = 100_000
+"""Most importance samples per datapoint (``train --k``, ``evaluate --k``)."""
+MAX_SEED = 2 ** 32 - 1
+"""Largest seed: numpy's (and so ``pyro.set_rng_seed``'s) seeds are 32-bit unsigned integers."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -29,14 +35,62 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               type(None): "null"}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field annotation (int, float, bool, str, None, tuple[int, ...], unions)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value)
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[-1]}s"
+    return _TYPE_WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Build ``cls`` from a JSON mapping, checking names, presence and types of its fields first,
+    so a hand-edited or foreign file gives one plain sentence instead of a Python error."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected an object of {cls.__name__} fields, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(set(data) - names)
-    _check(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    _check(not unknown, f"unknown {cls.__name__} field(s): {', '.join(map(str, unknown))}")
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    _check(not missing, f"missing {cls.__name__} field(s): {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
     kwargs = dict(data)
-    for f in dataclasses.fields(cls):
-        if f.name in kwargs and isinstance(kwargs[f.name], list):
-            kwargs[f.name] = tuple(kwargs[f.name])
+    for f in fields:
+        if f.name not in kwargs:
+            continue
+        value = kwargs[f.name]
+        _check(_conforms(value, hints[f.name]),
+               f"field {f.name!r} must be {_describe(hints[f.name])}, got {value!r}")
+        if isinstance(value, list):
+            kwargs[f.name] = tuple(value)
     return cls(**kwargs)
 
 
@@ -212,9 +266,9 @@ class TrainConfig:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         _check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
-        _check(1 <= self.k <= 100_000, f"k must be in 1..100000, got {self.k}")
+        _check(1 <= self.k <= MAX_K, f"k must be in 1..{MAX_K}, got {self.k}")
         _check(self.lr > 0 and self.lr < 10, f"learning rate must be in (0, 10), got {self.lr}")
-        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         _check(self.vi_objective in VI_OBJECTIVES,
                f"unknown VI objective {self.vi_objective!r}; choose from {', '.join(VI_OBJECTIVES)}")
         _check(not (self.dreg and self.method != "iwae"), "--dreg applies to --method iwae only")

@@ -26,8 +26,10 @@ Splits
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,13 @@ def _idx_arrays_to_dataset(name: str, arrays: dict[str, np.ndarray], directory: 
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise DataError(f"dataset {name!r} in {directory}: {split} images {images.shape} and labels "
                             f"{labels.shape} do not match (expected [n, rows, cols] and [n])")
+        if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+            raise DataError(f"dataset {name!r} in {directory}: the {split} images file holds no data "
+                            f"(shape {tuple(images.shape)}; expected n >= 1 images of at least 1x1 pixels)")
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(f"dataset {name!r} in {directory}: train images are "
+                        f"{'x'.join(map(str, arrays['train_images'].shape[1:]))} pixels but test images are "
+                        f"{'x'.join(map(str, arrays['test_images'].shape[1:]))}")
     def to_x(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.reshape(a.shape[0], -1).astype(np.float32) / 255.0)
     def to_y(a: np.ndarray) -> torch.Tensor:
@@ -229,8 +238,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot read IDX file {path}: {reason}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"corrupt IDX file {path}: bad magic number (expected 0x0000 08 nn)")
     ndim = raw[3]
@@ -238,7 +248,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if ndim == 0 or len(raw) < header:
         raise DataError(f"corrupt IDX file {path}: truncated header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)
     if len(raw) - header != expected:
         raise DataError(f"corrupt IDX file {path}: header promises {expected} bytes of data for shape "
                         f"{tuple(shape)}, found {len(raw) - header}")

@@ -77,8 +77,13 @@ class ImportanceSamplingResult:
     ess: torch.Tensor
 
 
+Progress = Callable[[int], object]
+"""``progress(done)``: called after each chunk with the number of (sample, datapoint) pairs it scored."""
+
+
 def importance_sampling(log_joint: LogJoint, proposal: Proposal, x: torch.Tensor, k: int,
-                        max_rows: int = DEFAULT_MAX_ROWS) -> ImportanceSamplingResult:
+                        max_rows: int = DEFAULT_MAX_ROWS, progress: Progress | None = None
+                        ) -> ImportanceSamplingResult:
     """Importance-sampled log p_θ(x) with ``k`` proposals per datapoint, chunked over k.
 
     Parameters
@@ -91,6 +96,8 @@ def importance_sampling(log_joint: LogJoint, proposal: Proposal, x: torch.Tensor
         Number of importance samples (≥ 1).
     max_rows
         At most this many (sample, datapoint) rows are evaluated at once.
+    progress
+        Optional callback, see :data:`Progress`; it does not change the result.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -106,14 +113,16 @@ def importance_sampling(log_joint: LogJoint, proposal: Proposal, x: torch.Tensor
         lse_w = part_w if lse_w is None else torch.logaddexp(lse_w, part_w)
         lse_w2 = part_w2 if lse_w2 is None else torch.logaddexp(lse_w2, part_w2)
         done += size
+        if progress is not None:
+            progress(size * x.shape[0])
     return ImportanceSamplingResult(log_marginal=lse_w - math.log(k), elbo=sum_log_w / k,
                                     ess=torch.exp(2 * lse_w - lse_w2))
 
 
 def elbo(log_joint: LogJoint, proposal: Proposal, x: torch.Tensor, k: int = 1,
-         max_rows: int = DEFAULT_MAX_ROWS) -> torch.Tensor:
+         max_rows: int = DEFAULT_MAX_ROWS, progress: Progress | None = None) -> torch.Tensor:
     """ELBO_K: the mean over ``k`` draws of log p(x, z) − log q(z|x), per datapoint ``[n]``."""
-    return importance_sampling(log_joint, proposal, x, k, max_rows).elbo
+    return importance_sampling(log_joint, proposal, x, k, max_rows, progress).elbo
 
 
 def over_batches(fn: Callable[[torch.Tensor], torch.Tensor | ImportanceSamplingResult], x: torch.Tensor,

@@ -7,6 +7,8 @@ with its standard error, and :func:`evaluate_run` adds the run's data set and pr
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,10 @@ import pyro
 import torch
 
 from vaebench import targets
-from vaebench.config import AISConfig
+from vaebench.config import MAX_K, AISConfig
 from vaebench.data import check_binary, evaluation_data, load_dataset
 from vaebench.errors import ConfigError, DataError
-from vaebench.estimators import DEFAULT_MAX_ROWS, elbo, importance_sampling, mean_and_stderr, over_batches
+from vaebench.estimators import DEFAULT_MAX_ROWS, Progress, elbo, importance_sampling, mean_and_stderr, over_batches
 from vaebench.metrics import active_units
 from vaebench.model import VAE
 from vaebench.provenance import provenance, resolve_device
@@ -43,12 +45,17 @@ class EstimatorSettings:
     ais
         Settings of ``ais`` and ``bdmc`` (steps T, leapfrog L, chains M, schedule...);
         ``None`` for the defaults of :class:`vaebench.config.AISConfig`.
+    progress
+        Optional callback ``progress(done)`` that estimators call as work completes (IS and the
+        ELBO: (sample, datapoint) pairs scored); it never changes a result and is not a setting
+        (excluded from comparison and repr). :func:`evaluate` sets it for its progress bar.
     """
 
     k: int | None = None
     batch_size: int = 100
     max_rows: int = DEFAULT_MAX_ROWS
     ais: AISConfig | None = None
+    progress: Progress | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 Estimator = Callable[[VAE, torch.Tensor, EstimatorSettings], tuple[torch.Tensor, dict[str, Any]]]
@@ -56,15 +63,15 @@ Estimator = Callable[[VAE, torch.Tensor, EstimatorSettings], tuple[torch.Tensor,
 
 def _elbo(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     k = s.k or DEFAULT_K["elbo"]
-    values = over_batches(lambda xb: elbo(model.log_joint, model.encoder_proposal, xb, k, s.max_rows), x,
-                          s.batch_size)
+    values = over_batches(lambda xb: elbo(model.log_joint, model.encoder_proposal, xb, k, s.max_rows,
+                                          s.progress), x, s.batch_size)
     return values, {"k": k}
 
 
 def _iwae(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     k = s.k or DEFAULT_K["iwae"]
     result = over_batches(lambda xb: importance_sampling(model.log_joint, model.encoder_proposal, xb, k,
-                                                         s.max_rows), x, s.batch_size)
+                                                         s.max_rows, s.progress), x, s.batch_size)
     ess = result.ess.double()
     return result.log_marginal, {"k": k, "ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
                                  "elbo_k": float(result.elbo.double().mean())}
@@ -122,11 +129,34 @@ def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tens
 
 
 ESTIMATORS.update({"ais": _ais, "bdmc": _bdmc})
+SIMULATED_ESTIMATORS = ("bdmc",)
+"""Estimators that score data simulated from the model, not the data they are given."""
+
+
+PROGRESS_UNITS: dict[str, Callable[[torch.Tensor, EstimatorSettings], int]] = {
+    "elbo": lambda x, s: x.shape[0] * (s.k or DEFAULT_K["elbo"]),
+    "iwae": lambda x, s: x.shape[0] * (s.k or DEFAULT_K["iwae"]),
+}
+"""Estimator name → total of the units its ``progress`` callback counts; estimators not listed
+report no progress (AIS and BDMC: see ``vaebench.inference.ais``)."""
+
+
+def _progress_bar(estimator: str, x: torch.Tensor, settings: EstimatorSettings, progress: bool | None):
+    """A tqdm bar (or ``None``): shown on a terminal, or whenever ``progress`` is True."""
+    show = sys.stderr.isatty() if progress is None else progress
+    if not show or estimator not in PROGRESS_UNITS or settings.progress is not None:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=PROGRESS_UNITS[estimator](x, settings), desc=estimator, unit="sample", unit_scale=True,
+                leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSettings = EstimatorSettings(),
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, progress: bool | None = False) -> dict[str, Any]:
     """Score ``model`` on data ``x`` with ``estimator``.
+
+    ``progress``: show a tqdm bar on stderr (``None``: only when stderr is a terminal); it does
+    not change the result.
 
     Returns
     -------
@@ -137,8 +167,8 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
-    if settings.k is not None and settings.k < 1:
-        raise ConfigError(f"k must be >= 1, got {settings.k}")
+    if settings.k is not None and not 1 <= settings.k <= MAX_K:
+        raise ConfigError(f"k must be in 1..{MAX_K}, got {settings.k}")
     if estimator in ENCODER_ESTIMATORS:
         model._require_encoder()            # before any Pyro trace, which would append its shapes to the message
     if settings.ais is not None and estimator not in AIS_ESTIMATORS:
@@ -148,30 +178,44 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
         check_binary(x, "evaluation data")
     elif not torch.isfinite(x).all():
         raise DataError("evaluation data contains NaN or infinite values")
+    bar = _progress_bar(estimator, x, settings, progress)
+    if bar is not None:
+        settings = dataclasses.replace(settings, progress=bar.update)
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        values, extra = ESTIMATORS[estimator](model, x, settings)
+    try:
+        with torch.no_grad():
+            values, extra = ESTIMATORS[estimator](model, x, settings)
+    finally:
+        if bar is not None:
+            bar.close()
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start
     mean, stderr = mean_and_stderr(values)
     result = {"estimator": estimator, "k": extra.pop("k"), "n": int(x.shape[0]), "log_likelihood": mean,
               "stderr": stderr, "seconds": seconds, "seed": seed, **extra}
-    if model.has_encoder:
+    if model.has_encoder and estimator not in SIMULATED_ESTIMATORS:
         result["active_units"] = active_units(model, x)
     return result
 
 
 def evaluate_run(run_dir: str | Path, estimator: str, split: str = "test",
                  settings: EstimatorSettings = EstimatorSettings(), seed: int = 0, device: str = "auto",
-                 model_spec: str | None = None) -> dict[str, Any]:
-    """Load a run directory (a user model's with ``model_spec``), rebuild its data split, and :func:`evaluate` it."""
+                 progress: bool | None = False, model_spec: str | None = None) -> dict[str, Any]:
+    """Load a run directory (a user model's with ``model_spec``), rebuild its data split, and :func:`evaluate` it.
+
+    For ``bdmc``, which scores data simulated from the model (as many points as the split has),
+    ``dataset`` says so and ``split`` is ``None``.
+    """
     torch_device = resolve_device(device)
     model, train_config, _ = load_run(run_dir, device=torch_device, model_spec=model_spec)
     dataset = load_dataset(train_config.dataset, train_config.data_dir)
     dtype = next(model.parameters()).dtype
     x = evaluation_data(dataset, split, model.likelihood).to(device=torch_device, dtype=dtype)
-    result = evaluate(model, x, estimator, settings, seed)
-    return {**result, "dataset": train_config.dataset, "split": split, "method": train_config.method,
+    result = evaluate(model, x, estimator, settings, seed, progress)
+    where = {"dataset": train_config.dataset, "split": split}
+    if estimator in SIMULATED_ESTIMATORS:
+        where = {"dataset": f"simulated from the model (n={result['n']})", "split": None}
+    return {**result, **where, "method": train_config.method,
             "run_dir": str(run_dir), "provenance": provenance(torch_device)}

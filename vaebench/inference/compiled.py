@@ -39,6 +39,7 @@ the same draws on either path.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from functools import partial
 from typing import Hashable
@@ -98,8 +99,11 @@ class CompiledLogWeights:
     Notes
     -----
     A compiled program shares the model's parameters (it holds the module, not copies), so
-    optimiser updates are seen by the next call. It is keyed on the model's identity and the
-    batch's shape, dtype and device, so moving the model or changing the batch size retraces.
+    optimiser updates are seen by the next call. It is keyed on the model -- through a weak
+    reference, which equals only a reference to the same live object, so a new model that Python
+    happens to allocate at a freed model's address (the same ``id``) never replays the freed
+    model's parameters -- and on the batch's shape, dtype and device, so moving the model or
+    changing the batch size retraces. Programs of models that no longer exist are dropped.
     """
 
     def __init__(self, compiled: bool = True, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
@@ -113,8 +117,10 @@ class CompiledLogWeights:
     def __call__(self, model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False) -> torch.Tensor:
         if not self.compiled:
             return eager_log_weights(model, x, k, detach_encoder)
-        key = (id(model), tuple(x.shape), x.dtype, x.device, k, detach_encoder, torch.is_grad_enabled())
+        key = (weakref.ref(model), tuple(x.shape), x.dtype, x.device, k, detach_encoder, torch.is_grad_enabled())
         if key not in self._programs:
+            for stale in [old for old in self._programs if old[0]() is None]:
+                del self._programs[stale]
             try:
                 self._programs[key] = self._compile(model, x, k, detach_encoder)
             except VaebenchError:
