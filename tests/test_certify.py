@@ -206,3 +206,63 @@ def test_a_gap_that_cannot_close_within_max_steps_is_uncertified():
     for key in ("steps", "bdmc_gap", "bdmc_gap_stderr", "tolerance", "certified", "seconds"):
         assert key in record
     assert "UNCERTIFIED" in certificate.describe() and "T=8" in certificate.describe()
+
+
+# --------------------------------------------------------------------------- CLI
+from conftest import run_cli  # noqa: E402
+from vaebench import cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def linear_gaussian_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lg"
+    assert cli.main(["train", "--method", "vi", "--dataset", "linear-gaussian", "--epochs", "1", "--hidden", "8",
+                     "--quiet", "--dtype", "float64", "--out", str(out)]) == 0
+    return out
+
+
+SMALL = ["--estimator", "ais", "--leapfrog", "2", "--chains", "3", "--batch-size", "500", "--certify-points", "10"]
+
+
+def test_evaluate_ais_certifies_by_default_and_records_the_certificate(linear_gaussian_run, capsys):
+    import json
+    status, out, err = run_cli(capsys, "evaluate", str(linear_gaussian_run), *SMALL, "--steps", "2",
+                               "--max-steps", "8", "--gap-tolerance", "1000", "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    certificate = result["certificate"]
+    for key in ("steps", "bdmc_gap", "bdmc_gap_stderr", "tolerance", "certified", "seconds", "history", "points"):
+        assert key in certificate, key
+    assert certificate["certified"] is True and certificate["steps"] == 2 and result["steps"] == 2
+    assert certificate["tolerance"] == 1000 and certificate["points"] == 10
+
+
+def test_evaluate_ais_text_says_uncertified_at_max_steps(linear_gaussian_run, capsys):
+    import json
+    status, out, err = run_cli(capsys, "evaluate", str(linear_gaussian_run), *SMALL, "--steps", "2",
+                               "--max-steps", "4", "--gap-tolerance", "1e-6")
+    assert status == 0, err
+    assert "UNCERTIFIED" in out and "T=4" in out and "BDMC gap" in out, out
+    status, out, err = run_cli(capsys, "evaluate", str(linear_gaussian_run), *SMALL, "--steps", "2",
+                               "--max-steps", "4", "--gap-tolerance", "1e-6", "--json")
+    result = json.loads(out)
+    assert result["certificate"]["certified"] is False and result["steps"] == 4
+    assert [entry[0] for entry in result["certificate"]["history"]] == [2, 4]
+    status, out, err = run_cli(capsys, "evaluate", str(linear_gaussian_run), "--estimator", "ais", "--steps", "3",
+                               "--leapfrog", "1", "--chains", "2", "--no-certify")
+    assert status == 0 and "T=3 as given, not certified" in out, (out, err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--estimator", "ais", "--certify-points", "1"], "--certify-points must be in 2..1000000"),
+    (["--estimator", "ais", "--gap-tolerance", "0"], "expected a positive finite number"),
+    (["--estimator", "ais", "--steps", "50", "--max-steps", "10", "--certify-points", "2"],
+     "--max-steps (10) must be at least --steps (50)"),
+    (["--estimator", "ais", "--no-certify", "--max-steps", "10"], "applies only when certifying; drop --no-certify"),
+    (["--estimator", "bdmc", "--max-steps", "10"], "--max-steps applies to --estimator ais, not bdmc"),
+    (["--estimator", "iwae", "--no-certify"], "--no-certify applies to --estimator ais, not iwae"),
+])
+def test_bad_certification_flags_are_one_line_errors(linear_gaussian_run, capsys, argv, message):
+    status, out, err = run_cli(capsys, "evaluate", str(linear_gaussian_run), *argv)
+    assert status == 2 and out == ""
+    assert err.startswith("vaebench: error: ") and err.count("\n") == 1 and message in err, err

@@ -7,6 +7,7 @@ with its standard error, and :func:`evaluate_run` adds the run's data set and pr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyro
 import torch
 
 from vaebench import targets
-from vaebench.config import AISConfig
+from vaebench.config import AISConfig, CertifyConfig
 from vaebench.data import check_binary, evaluation_data, load_dataset
 from vaebench.errors import ConfigError, DataError
 from vaebench.estimators import DEFAULT_MAX_ROWS, elbo, importance_sampling, mean_and_stderr, over_batches
@@ -43,12 +44,17 @@ class EstimatorSettings:
     ais
         Settings of ``ais`` and ``bdmc`` (steps T, leapfrog L, chains M, schedule...);
         ``None`` for the defaults of :class:`vaebench.config.AISConfig`.
+    certify
+        ``ais`` only: certify T by BDMC on simulated data first
+        (:func:`vaebench.inference.certify.certify`); ``None`` runs AIS at ``ais.steps`` as given.
+        (The CLI certifies by default; library callers opt in.)
     """
 
     k: int | None = None
     batch_size: int = 100
     max_rows: int = DEFAULT_MAX_ROWS
     ais: AISConfig | None = None
+    certify: CertifyConfig | None = None
 
 
 Estimator = Callable[[VAE, torch.Tensor, EstimatorSettings], tuple[torch.Tensor, dict[str, Any]]]
@@ -95,20 +101,30 @@ def _ais_setup(name: str, x: torch.Tensor, s: EstimatorSettings) -> tuple[AISCon
 
 
 def _ais(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
-    from vaebench.inference.ais import ais
+    """Forward AIS on ``x``; with ``s.certify``, at the T that BDMC certifies (``certificate`` in the record)."""
+    from vaebench.inference.ais import ais, as_target
+    from vaebench.inference.certify import certified_ais
 
     config, generator = _ais_setup("ais", x, s)
-    result = ais(model, x, config, generator, s.batch_size)
-    return result.log_marginal, {"k": None, **config.to_dict(), **result.summary()}
+    target = as_target(model)
+    extra: dict[str, Any] = {}
+    if s.certify is None:
+        result = ais(target, x, config, generator, s.batch_size)
+    else:
+        result, certificate = certified_ais(target, x, config, generator, s.certify, s.batch_size)
+        config = dataclasses.replace(config, steps=certificate.steps)
+        extra["certificate"] = certificate.to_dict()
+    return result.log_marginal, {"k": None, **config.to_dict(), **result.summary(), **extra}
 
 
 def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     """BDMC on ``len(x)`` datapoints simulated from the model (``x`` only fixes how many)."""
-    from vaebench.inference.ais import bdmc, simulate
+    from vaebench.inference.ais import as_target, bdmc
 
     config, generator = _ais_setup("bdmc", x, s)
-    x_sim, z_sim = simulate(model, x.shape[0])
-    result = bdmc(model, x_sim, z_sim, config, generator, s.batch_size)
+    target = as_target(model)
+    x_sim, z_sim = target.simulate(x.shape[0], generator)
+    result = bdmc(target, x_sim, z_sim, config, generator, s.batch_size)
     lower, lower_se = mean_and_stderr(result.lower.log_marginal)
     upper, upper_se = mean_and_stderr(result.upper.log_marginal)
     gap, gap_se = mean_and_stderr(result.gap)
@@ -116,7 +132,7 @@ def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tens
         "k": None, **config.to_dict(), "data": "simulated from the model", "lower": lower,
         "lower_stderr": lower_se, "upper": upper, "upper_stderr": upper_se, "gap": gap, "gap_stderr": gap_se,
         **result.lower.summary(), **{f"upper_{key}": value for key, value in result.upper.summary().items()}}
-    if model.config.is_linear_gaussian:
+    if getattr(getattr(model, "config", None), "is_linear_gaussian", False):
         extra["exact"], extra["exact_stderr"] = mean_and_stderr(targets.exact_log_marginal(model, x_sim))
     return result.lower.log_marginal, extra
 
@@ -144,6 +160,9 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
     if settings.ais is not None and estimator not in AIS_ESTIMATORS:
         raise ConfigError(f"AIS settings (--steps, --leapfrog, --chains, --schedule) apply to --estimator ais or "
                           f"bdmc, not {estimator}")
+    if settings.certify is not None and estimator != "ais":
+        raise ConfigError(f"certification (--certify-points, --max-steps, --gap-tolerance) applies to "
+                          f"--estimator ais, not {estimator}")
     if model.config.likelihood == "bernoulli":
         check_binary(x, "evaluation data")
     elif not torch.isfinite(x).all():
