@@ -223,7 +223,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _certify_config(args: argparse.Namespace):
-    """``CertifyConfig`` for ``evaluate --estimator ais`` (the default), ``None`` with --no-certify or another estimator."""
+    """``CertifyConfig`` for ``evaluate --estimator ais`` (certified by default).
+
+    ``None`` with ``--no-certify`` or another estimator; certification flags elsewhere are errors.
+    """
     from vaebench.config import CertifyConfig
 
     flags = {key: value for key, value in (("points", args.certify_points), ("max_steps", args.max_steps),

@@ -50,6 +50,8 @@ step sizes log ε_t (t = 1..T−1, the transition leaving f_{β_t} invariant), a
 s, which leaves f_{β_{T−s}} invariant, uses log ε_{T−s}: the forward schedule reversed. The
 schedule is a function of x and of the forward run's randomness only, hence independent of z*
 given x. (Tuning chains started at z*, as before, would make the schedule depend on z*.)
+
+Choosing T by BDMC on simulated data (Wu et al. 2017) is :mod:`vaebench.inference.certify`.
 """
 
 from __future__ import annotations
