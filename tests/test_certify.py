@@ -183,8 +183,9 @@ def test_certified_ais_on_the_sharp_d12_model_beats_t500():
     """The issue's claim: conftest's D = 12, P = 50 model, T_0 = 500, L = 10, M = 16 (CPU: tens of minutes).
 
     Measured on this model (σ ∈ [0.3, 1], sharper than the issue's): AIS at T = 500 is
-    0.68 ± 0.17 nats low (40 points) with BDMC gap 1.40 ± 0.21; the gap about halves per doubling
-    (T = 1000: 0.71 ± 0.24), so certification may stop at ``max_steps`` = 8000: the test asserts the
+    0.68 ± 0.17 nats low (40 points) with BDMC gap 1.40 ± 0.21; the gap shrinks slowly
+    (T = 1000: 0.71 ± 0.24, T = 2000: 0.55 ± 0.13 on 20 points), so certification likely stops at
+    ``max_steps`` = 8000 uncertified: the test asserts the
     chosen T and the accuracy, not ``certified``. Not run to completion on the 2-core dev machine.
     """
     model = d12_model()
