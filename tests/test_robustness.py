@@ -17,7 +17,7 @@ import torch
 
 from vaebench import cli
 from vaebench.config import MAX_SEED, ModelConfig, TrainConfig
-from vaebench.errors import ConfigError, RunDirError
+from vaebench.errors import ConfigError
 from vaebench.rundir import atomic_write_text, first_line, remove_stale_staging, staged_directory
 
 from conftest import run_cli

@@ -264,6 +264,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="ais/bdmc: chains per datapoint (default 16)")
     p.add_argument("--schedule", choices=("sigmoid", "linear"), default=None,
                    help="ais/bdmc: spacing of the inverse temperatures (default sigmoid)")
+    p.add_argument("--no-certify", action="store_true",
+                   help="ais: run AIS at --steps as given, without choosing T by BDMC on simulated data")
+    p.add_argument("--certify-points", type=_positive_int, default=None, metavar="N",
+                   help="ais: datapoints simulated from the decoder for BDMC certification (default 100)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, metavar="T",
+                   help="ais: largest T certification tries, doubling from --steps (default 8000)")
+    p.add_argument("--gap-tolerance", type=_positive_float, default=None, metavar="NATS",
+                   help="ais: certified when the mean BDMC gap plus its standard error is below this (default 0.1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: only when stderr is a terminal)")
@@ -280,9 +288,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if ais_flags and args.estimator not in AIS_ESTIMATORS:
         raise VaebenchError(f"--{', --'.join(ais_flags)} apply to --estimator ais or bdmc, not {args.estimator}")
     ais_config = AISConfig(**ais_flags) if args.estimator in AIS_ESTIMATORS else None
+    certify_config = _certify_config(args)
     result = evaluate_run(args.run_dir, args.estimator, args.split,
-                          EstimatorSettings(k=args.k, batch_size=args.batch_size, ais=ais_config), args.seed,
-                          args.device, progress=args.progress, model_spec=args.model)
+                          EstimatorSettings(k=args.k, batch_size=args.batch_size, ais=ais_config,
+                                            certify=certify_config), args.seed, args.device,
+                          progress=args.progress, model_spec=args.model)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -294,10 +304,44 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         where = f"{result['n']} datapoints simulated from the model"
         units += (f"; lower {result['lower']:.3f}, upper {result['upper']:.3f}, "
                   f"gap {result['gap']:.3f} ± {result['gap_stderr']:.3f} nats")
+    if result["estimator"] == "ais":
+        units += f"; T={result['steps']} " + (_describe_certificate(result["certificate"]) if "certificate" in result
+                                               else "as given, not certified (--no-certify)")
     print(f"{result['estimator']}{k} on {where}: "
           f"log p(x) ≈ {result['log_likelihood']:.3f} ± {result['stderr']:.3f} nats{ess}{units}, "
           f"{result['seconds']:.1f} s")
     return 0
+
+
+def _certify_config(args: argparse.Namespace):
+    """``CertifyConfig`` for ``evaluate --estimator ais`` (certified by default).
+
+    ``None`` with ``--no-certify`` or another estimator; certification flags elsewhere are errors.
+    """
+    from vaebench.config import CertifyConfig
+
+    flags = {key: value for key, value in (("points", args.certify_points), ("max_steps", args.max_steps),
+                                            ("tolerance", args.gap_tolerance)) if value is not None}
+    names = {"points": "--certify-points", "max_steps": "--max-steps", "tolerance": "--gap-tolerance"}
+    given = ", ".join(names[key] for key in flags)
+    verb = "apply" if len(flags) > 1 else "applies"
+    if args.estimator != "ais":
+        if flags or args.no_certify:
+            raise VaebenchError(f"{given or '--no-certify'} {verb} to --estimator ais, not {args.estimator}")
+        return None
+    if args.no_certify:
+        if flags:
+            raise VaebenchError(f"{given} {verb} only when certifying; drop --no-certify")
+        return None
+    return CertifyConfig(**flags)
+
+
+def _describe_certificate(c: dict) -> str:
+    gap = f"BDMC gap {c['bdmc_gap']:.3f} ± {c['bdmc_gap_stderr']:.3f} nats on {c['points']} simulated points"
+    if c["certified"]:
+        return f"certified ({gap} < {c['tolerance']:g}, {c['seconds']:.1f} s)"
+    return (f"UNCERTIFIED: reached --max-steps and {gap} is not below {c['tolerance']:g} by its standard error "
+            f"({c['seconds']:.1f} s)")
 
 
 # -------------------------------------------------------------------------- compare, table, report

@@ -405,3 +405,39 @@ class AISConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AISConfig":
         return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """Certification of AIS by BDMC on simulated data (:func:`vaebench.inference.certify.certify`).
+
+    Parameters
+    ----------
+    points
+        Datapoints simulated from the decoder for the BDMC runs (``--certify-points``).
+    max_steps
+        Largest annealing length T tried; T doubles from the AIS ``steps`` up to this
+        (``--max-steps``).
+    tolerance
+        Largest acceptable mean BDMC gap, nats per datapoint (``--gap-tolerance``): certified when
+        gap + its standard error < tolerance.
+    """
+
+    points: int = 100
+    max_steps: int = 8000
+    tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.points, int) and 2 <= self.points <= 1_000_000,
+               f"--certify-points must be in 2..1000000 (a standard error needs two points), got {self.points}")
+        _check(isinstance(self.max_steps, int) and 1 <= self.max_steps <= 1_000_000,
+               f"--max-steps must be in 1..1000000, got {self.max_steps}")
+        _check(isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < float("inf"),
+               f"--gap-tolerance must be a positive number of nats, got {self.tolerance}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CertifyConfig":
+        return _from_dict(cls, data)

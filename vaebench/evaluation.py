@@ -18,7 +18,7 @@ import pyro
 import torch
 
 from vaebench import targets
-from vaebench.config import MAX_K, AISConfig
+from vaebench.config import MAX_K, AISConfig, CertifyConfig
 from vaebench.data import check_binary, evaluation_data, load_dataset
 from vaebench.errors import ConfigError, DataError
 from vaebench.estimators import DEFAULT_MAX_ROWS, Progress, elbo, importance_sampling, mean_and_stderr, over_batches
@@ -49,6 +49,10 @@ class EstimatorSettings:
         Optional callback ``progress(done)`` that estimators call as work completes (IS and the
         ELBO: (sample, datapoint) pairs scored); it never changes a result and is not a setting
         (excluded from comparison and repr). :func:`evaluate` sets it for its progress bar.
+    certify
+        ``ais`` only: certify T by BDMC on simulated data first
+        (:func:`vaebench.inference.certify.certify`); ``None`` runs AIS at ``ais.steps`` as given.
+        (The CLI certifies by default; library callers opt in.)
     """
 
     k: int | None = None
@@ -56,6 +60,7 @@ class EstimatorSettings:
     max_rows: int = DEFAULT_MAX_ROWS
     ais: AISConfig | None = None
     progress: Progress | None = dataclasses.field(default=None, compare=False, repr=False)
+    certify: CertifyConfig | None = None
 
 
 Estimator = Callable[[VAE, torch.Tensor, EstimatorSettings], tuple[torch.Tensor, dict[str, Any]]]
@@ -102,20 +107,30 @@ def _ais_setup(name: str, x: torch.Tensor, s: EstimatorSettings) -> tuple[AISCon
 
 
 def _ais(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
-    from vaebench.inference.ais import ais
+    """Forward AIS on ``x``; with ``s.certify``, at the T that BDMC certifies (``certificate`` in the record)."""
+    from vaebench.inference.ais import ais, as_target
+    from vaebench.inference.certify import certified_ais
 
     config, generator = _ais_setup("ais", x, s)
-    result = ais(model, x, config, generator, s.batch_size)
-    return result.log_marginal, {"k": None, **config.to_dict(), **result.summary()}
+    target = as_target(model)
+    extra: dict[str, Any] = {}
+    if s.certify is None:
+        result = ais(target, x, config, generator, s.batch_size)
+    else:
+        result, certificate = certified_ais(target, x, config, generator, s.certify, s.batch_size)
+        config = dataclasses.replace(config, steps=certificate.steps)
+        extra["certificate"] = certificate.to_dict()
+    return result.log_marginal, {"k": None, **config.to_dict(), **result.summary(), **extra}
 
 
 def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     """BDMC on ``len(x)`` datapoints simulated from the model (``x`` only fixes how many)."""
-    from vaebench.inference.ais import bdmc, simulate
+    from vaebench.inference.ais import as_target, bdmc
 
     config, generator = _ais_setup("bdmc", x, s)
-    x_sim, z_sim = simulate(model, x.shape[0])
-    result = bdmc(model, x_sim, z_sim, config, generator, s.batch_size)
+    target = as_target(model)
+    x_sim, z_sim = target.simulate(x.shape[0], generator)
+    result = bdmc(target, x_sim, z_sim, config, generator, s.batch_size)
     lower, lower_se = mean_and_stderr(result.lower.log_marginal)
     upper, upper_se = mean_and_stderr(result.upper.log_marginal)
     gap, gap_se = mean_and_stderr(result.gap)
@@ -123,7 +138,7 @@ def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tens
         "k": None, **config.to_dict(), "data": "simulated from the model", "lower": lower,
         "lower_stderr": lower_se, "upper": upper, "upper_stderr": upper_se, "gap": gap, "gap_stderr": gap_se,
         **result.lower.summary(), **{f"upper_{key}": value for key, value in result.upper.summary().items()}}
-    if model.config.is_linear_gaussian:
+    if getattr(getattr(model, "config", None), "is_linear_gaussian", False):
         extra["exact"], extra["exact_stderr"] = mean_and_stderr(targets.exact_log_marginal(model, x_sim))
     return result.lower.log_marginal, extra
 
@@ -174,6 +189,9 @@ def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSet
     if settings.ais is not None and estimator not in AIS_ESTIMATORS:
         raise ConfigError(f"AIS settings (--steps, --leapfrog, --chains, --schedule) apply to --estimator ais or "
                           f"bdmc, not {estimator}")
+    if settings.certify is not None and estimator != "ais":
+        raise ConfigError(f"certification (--certify-points, --max-steps, --gap-tolerance) applies to "
+                          f"--estimator ais, not {estimator}")
     if model.likelihood == "bernoulli":
         check_binary(x, "evaluation data")
     elif not torch.isfinite(x).all():

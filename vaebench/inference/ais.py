@@ -3,9 +3,12 @@
 Why written by hand
 -------------------
 Pyro has no AIS. This module anneals N × M chains at once (M per datapoint) with the batched HMC
-transitions of :mod:`vaebench.inference.hmc`, reading every density off the Pyro model
-(:meth:`vaebench.model.VAE.site_log_probs`, i.e. ``log_prior`` and ``log_likelihood`` from one
-trace).
+transitions of :mod:`vaebench.inference.hmc`. It sees a model only through a *target* (see
+:class:`AISTarget`): ``components(x)`` maps unconstrained latents ``u [..., n, D]`` to
+(log prior incl. any log-det-Jacobian, log-likelihood), ``sample_prior`` draws exact prior
+samples, ``simulate`` draws (x, u) ancestrally. :class:`vaebench.model.LatentModel` is one
+(densities read off one Pyro trace of the model, :meth:`~vaebench.model.LatentModel.site_log_probs`),
+so AIS and BDMC serve any model of the contract.
 
 AIS (Neal 2001; Wu et al. 2017)
 -------------------------------
@@ -40,6 +43,15 @@ For data simulated from the model, (z*, x) ~ p(z)p_θ(x|z), z* is an exact poste
 Running the same chain in reverse (β from 1 to 0) from z* gives weights with E[w_rev] = 1/p_θ(x),
 so −log (1/M) Σ w_rev is a stochastic *upper* bound; together with forward AIS it sandwiches
 log p_θ(x), and the gap bounds the error of both.
+
+E[w_rev] = 1/p_θ(x) needs every reverse transition to be fixed before the reverse chains start.
+:func:`bdmc` therefore runs no adaptation in reverse: the forward run records its per-datapoint
+step sizes log ε_t (t = 1..T−1, the transition leaving f_{β_t} invariant), and reverse transition
+s, which leaves f_{β_{T−s}} invariant, uses log ε_{T−s}: the forward schedule reversed. The
+schedule is a function of x and of the forward run's randomness only, hence independent of z*
+given x. (Tuning chains started at z*, as before, would make the schedule depend on z*.)
+
+Choosing T by BDMC on simulated data (Wu et al. 2017) is :mod:`vaebench.inference.certify`.
 """
 
 from __future__ import annotations
@@ -47,19 +59,48 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
 from vaebench.config import AISConfig
+from vaebench.errors import VaebenchError
 from vaebench.estimators import log_mean_exp
 from vaebench.inference import hmc
-from vaebench.model import VAE
 
 Components = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``z [..., n, D] -> (log p(z) [..., n], log p_θ(x|z) [..., n])``."""
+"""``u [..., n, D] -> (log p(u) [..., n], log p_θ(x|u) [..., n])``; log p(u) includes any log-det-Jacobian."""
 
 MIN_LOG_STEP, MAX_LOG_STEP = math.log(1e-5), math.log(10.0)
+
+
+@runtime_checkable
+class AISTarget(Protocol):
+    """What AIS, BDMC and certification need of a model: the seam to the model layer.
+
+    Latents are one unconstrained vector u ∈ R^D per datapoint; the model layer's contract object
+    (a user's Pyro model, flattened) provides exactly these members.
+    """
+
+    latent_dim: int
+
+    def components(self, x: torch.Tensor) -> Components:
+        """``u [..., n, D] -> (log p(u), log p_θ(x|u))``, each ``[..., n]``."""
+
+    def sample_prior(self, x: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+        """``num`` exact draws from the prior for every row of ``x``: ``u [num, n, D]``."""
+
+    def simulate(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ancestral draws (u, x) ~ p(u) p_θ(x|u): ``(x [n, P], u [n, D])``."""
+
+
+def as_target(model: Any) -> AISTarget:
+    """``model`` as an :class:`AISTarget`: a :class:`vaebench.model.LatentModel` (or any object with the
+    target's methods) is one already."""
+    if all(hasattr(model, name) for name in ("components", "sample_prior", "simulate", "latent_dim")):
+        return model
+    raise VaebenchError(f"{type(model).__name__} is not an AIS target (components, sample_prior, simulate, "
+                        "latent_dim)")
 
 
 def beta_schedule(steps: int, schedule: str = "sigmoid", delta: float = 4.0) -> torch.Tensor:
@@ -124,6 +165,9 @@ class AnnealingRun:
         Divergent transitions.
     gradient_evaluations
         Gradient evaluations per chain (step-size search included).
+    log_step_schedule
+        log ε used by each transition, ``[T − 1, n]`` (row t − 1: the transition that leaves
+        f_{β_t} invariant), shared by a datapoint's chains. :func:`bdmc` reverses it.
     """
 
     log_weights: torch.Tensor
@@ -132,31 +176,42 @@ class AnnealingRun:
     step_size: torch.Tensor
     divergences: torch.Tensor
     gradient_evaluations: int
+    log_step_schedule: torch.Tensor
 
 
 def anneal(components: Components, initial_position: torch.Tensor, betas: torch.Tensor, config: AISConfig,
-           generator: torch.Generator) -> AnnealingRun:
+           generator: torch.Generator, log_step_schedule: torch.Tensor | None = None) -> AnnealingRun:
     """Run AIS along ``betas`` from exact draws of f_{β_0}; the core of :func:`ais` and :func:`bdmc`.
 
     Parameters
     ----------
     components
-        ``z -> (log p(z), log p(x|z))`` per chain.
+        ``u -> (log p(u), log p(x|u))`` per chain.
     initial_position
-        Exact draws from f_{β_0}, ``[M + K, n, D]``: the prior for β_0 = 0 (forward AIS), the
-        posterior for β_0 = 1 (reverse chain of BDMC). The last K = ``config.tuning_chains``
-        chains only tune the step size; their weights are dropped.
+        Exact draws from f_{β_0}: the prior for β_0 = 0 (forward AIS), the posterior for β_0 = 1
+        (reverse chain of BDMC). ``[M + K, n, D]`` when the step sizes are adapted: the last
+        K = ``config.tuning_chains`` chains only tune the step size and their weights are dropped;
+        ``[M, n, D]`` (every chain weighted) when ``log_step_schedule`` is given.
     betas
-        The schedule, increasing (forward) or decreasing (reverse).
+        The schedule, increasing (forward) or decreasing (reverse), ``[T + 1]``.
     config
         Leapfrog steps, acceptance target, adaptation rate, tuning chains, divergence threshold.
     generator
         The one source of randomness.
+    log_step_schedule
+        A fixed per-datapoint schedule ``[T − 1, n]``: transition t (leaving f_{β_t} invariant)
+        uses step size exp(row t − 1). No tuning chains, no step-size search and no adaptation:
+        every transition is fixed before the chains start.
 
     Returns
     -------
     AnnealingRun
-        For the first M chains only.
+        For the weighted chains only.
+
+    Raises
+    ------
+    VaebenchError
+        If ``log_step_schedule`` does not have T − 1 rows of n finite values.
 
     Notes
     -----
@@ -167,7 +222,9 @@ def anneal(components: Components, initial_position: torch.Tensor, betas: torch.
     *upward* by about 0.1 nats on the linear-Gaussian test model.)
     """
     betas = betas.tolist()
-    num_tuning = config.tuning_chains
+    transitions = max(len(betas) - 2, 0)
+    fixed = log_step_schedule is not None
+    num_tuning = 0 if fixed else config.tuning_chains
     num_chains = initial_position.shape[0] - num_tuning
     target = AnnealedTarget(components, betas[0])
     state = hmc.init(initial_position, target)
@@ -176,27 +233,38 @@ def anneal(components: Components, initial_position: torch.Tensor, betas: torch.
     divergences = torch.zeros_like(state.log_density, dtype=torch.long)
     log_weights = torch.zeros_like(state.log_density)
     log_step = torch.zeros_like(state.log_density[0])
-    if len(betas) > 2:
+    if fixed:
+        expected = (transitions, *log_step.shape)
+        if tuple(log_step_schedule.shape) != expected or not torch.isfinite(log_step_schedule).all():
+            raise VaebenchError(f"a fixed step-size schedule must be {transitions} rows of {log_step.numel()} "
+                                f"finite log step sizes, got shape {tuple(log_step_schedule.shape)}")
+        log_step_schedule = log_step_schedule.to(log_step)
+    elif transitions > 0:
         step_size, spent = hmc.find_reasonable_step_size(generator, state, target)
         calls += spent
         log_step = step_size[num_chains:].log().mean(0)
+    used = []
     for t in range(1, len(betas)):
         log_weights = log_weights + (betas[t] - betas[t - 1]) * state.aux[1]
         if t == len(betas) - 1:
             break
+        if fixed:
+            log_step = log_step_schedule[t - 1]
+        used.append(log_step)
         target = AnnealedTarget(components, betas[t])
         state = target.rebase(state)._replace(step_size=log_step.exp().expand_as(state.log_density))
         state, info = hmc.step(generator, state, target, config.leapfrog, config.divergence_threshold)
         calls += config.leapfrog
         accept_sum += info.acceptance_prob
         divergences += info.divergent.long()
-        tuning_accept = info.acceptance_prob[num_chains:].mean(0)
-        log_step = (log_step + config.adaptation_rate * (tuning_accept - config.target_accept)
-                    ).clamp(MIN_LOG_STEP, MAX_LOG_STEP)
-    transitions = max(len(betas) - 2, 1)
+        if not fixed:
+            tuning_accept = info.acceptance_prob[num_chains:].mean(0)
+            log_step = (log_step + config.adaptation_rate * (tuning_accept - config.target_accept)
+                        ).clamp(MIN_LOG_STEP, MAX_LOG_STEP)
+    schedule = torch.stack(used) if used else log_step.new_zeros((0, *log_step.shape))
     main = slice(0, num_chains)
-    return AnnealingRun(log_weights[main], state.position[main], accept_sum[main] / transitions,
-                        log_step.exp().expand_as(log_weights[main]), divergences[main], calls)
+    return AnnealingRun(log_weights[main], state.position[main], accept_sum[main] / max(transitions, 1),
+                        log_step.exp().expand_as(log_weights[main]), divergences[main], calls, schedule)
 
 
 def summarize_log_weights(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -234,6 +302,8 @@ class AISResult:
         Gradient evaluations per chain.
     seconds
         Wall-clock time.
+    log_step_schedule
+        log ε of every transition, ``[T − 1, n]`` (see :class:`AnnealingRun`).
     """
 
     log_marginal: torch.Tensor
@@ -245,6 +315,7 @@ class AISResult:
     divergences: torch.Tensor
     gradient_evaluations: int
     seconds: float
+    log_step_schedule: torch.Tensor | None = None
 
     def summary(self) -> dict[str, float | int | None]:
         """Scalars for JSON records."""
@@ -265,34 +336,48 @@ def _combine(runs: list[AnnealingRun], sign: float, seconds: float) -> AISResult
         values = torch.cat(parts, dim=-1)
         return values.sum(0) if reduce == "sum" else values.double().mean(0)
 
+    schedule = torch.cat([r.log_step_schedule for r in runs], dim=-1)
     return AISResult(sign * log_mean, stderr, ess, log_weights, per_datapoint("acceptance_rate", "mean"),
                      per_datapoint("step_size", "mean"), per_datapoint("divergences", "sum"),
-                     max(r.gradient_evaluations for r in runs), seconds)
+                     max(r.gradient_evaluations for r in runs), seconds, schedule)
 
 
-def model_components(model: VAE, x: torch.Tensor) -> Components:
-    """(log p(z), log p_θ(x|z)) from one trace of the Pyro model: :meth:`VAE.site_log_probs`."""
-    return lambda z: model.site_log_probs(x, z)
+def model_components(model: Any, x: torch.Tensor) -> Components:
+    """``u -> (log p(u), log p_θ(x|u))`` of a model or target (:meth:`AISTarget.components`)."""
+    return as_target(model).components(x)
 
 
-def _prior_draws(model: VAE, x: torch.Tensor, chains: int, generator: torch.Generator) -> torch.Tensor:
-    return model.sample_prior(x, chains, generator)
-
-
-def ais(model: VAE, x: torch.Tensor, config: AISConfig, generator: torch.Generator, batch_size: int = 100
+def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generator, batch_size: int = 100
         ) -> AISResult:
     """AIS estimate of log p_θ(x_i) for every row of ``x``, in chunks of ``batch_size`` datapoints.
 
-    Memory is O(batch_size × chains × model width); chunks are independent and their results
-    concatenated.
+    Parameters
+    ----------
+    model
+        An :class:`AISTarget` or a :class:`vaebench.model.VAE` (see :func:`as_target`).
+    x
+        Data ``[n, P]``.
+    config
+        T, L, M, schedule and the step-size adaptation (K tuning chains per datapoint).
+    generator
+        The one source of randomness.
+    batch_size
+        Datapoints per chunk. Memory is O(batch_size × chains × model width); chunks are
+        independent and their results concatenated.
+
+    Returns
+    -------
+    AISResult
+        Including the per-datapoint step-size schedule that :func:`bdmc` reverses.
     """
+    target = as_target(model)
     start = time.perf_counter()
     betas = beta_schedule(config.steps, config.schedule, config.sigmoid_delta)
     runs = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size]
-        z0 = _prior_draws(model, xb, config.chains + config.tuning_chains, generator)
-        runs.append(anneal(model_components(model, xb), z0, betas, config, generator))
+        u0 = target.sample_prior(xb, config.chains + config.tuning_chains, generator)
+        runs.append(anneal(target.components(xb), u0, betas, config, generator))
     return _combine(runs, 1.0, time.perf_counter() - start)
 
 
@@ -309,35 +394,57 @@ class BDMCResult:
         return self.upper.log_marginal - self.lower.log_marginal
 
 
-def simulate(model: VAE, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (x ``[n, P]``, z ``[n, D]``) from p(z)p_θ(x|z) by running the Pyro model unconditioned.
+def simulate(model: Any, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (x ``[n, P]``, u ``[n, D]``) from p(u)p_θ(x|u) (:meth:`AISTarget.simulate`).
 
-    Uses Pyro's global RNG (seed it with ``pyro.set_rng_seed``). z is an exact draw from
-    p_θ(z | x) for its x.
+    u is an exact draw from p_θ(u | x) for its x. Without ``generator``, one is seeded from
+    torch's global RNG (so ``pyro.set_rng_seed`` fixes the draws).
     """
-    return model.simulate(n)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+    return as_target(model).simulate(n, generator)
 
 
-def bdmc(model: VAE, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConfig, generator: torch.Generator,
+def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConfig, generator: torch.Generator,
          batch_size: int = 100) -> BDMCResult:
-    """Bidirectional Monte Carlo: forward AIS on ``x`` and reverse AIS from exact posterior draws.
+    """Bidirectional Monte Carlo (Grosse et al. 2015): forward AIS on ``x``, reverse AIS from exact posterior draws.
 
     Parameters
     ----------
+    model
+        An :class:`AISTarget` or a VAE.
     x
         Data ``[n, P]``.
     z_posterior
-        Exact draws from p_θ(z | x): ``[n, D]`` (all M reverse chains of a datapoint start there)
-        or ``[M, n, D]``; for simulated data, the z that generated x (:func:`simulate`).
+        Exact draws from p_θ(u | x): ``[n, D]`` (all M reverse chains of a datapoint start there)
+        or ``[M, n, D]``; for simulated data, the u that generated x (:func:`simulate`).
+    config, generator, batch_size
+        As for :func:`ais`.
+
+    Returns
+    -------
+    BDMCResult
+        ``lower`` (forward, E log p̂ ≤ log p(x)) and ``upper`` (reverse, E[−log p̂_rev] ≥ log p(x)).
+
+    Notes
+    -----
+    The reverse run has no tuning chains and no adaptation: reverse transition s (leaving
+    f_{β_{T−s}} invariant) uses the forward run's step size of the same intermediate
+    distribution, ``upper.log_step_schedule == lower.log_step_schedule.flip(0)``. The schedule is
+    fixed before the reverse chains start and does not depend on ``z_posterior``, so
+    E[1/p̂_rev] = 1/p_θ(x) holds exactly (Grosse et al. 2015, §3).
     """
+    target = as_target(model)
     start = time.perf_counter()
-    lower = ais(model, x, config, generator, batch_size)
+    lower = ais(target, x, config, generator, batch_size)
     betas = beta_schedule(config.steps, config.schedule, config.sigmoid_delta).flip(0)
+    reverse_schedule = lower.log_step_schedule.flip(0)
     runs = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size]
         zb = z_posterior[..., i:i + batch_size, :]
-        z0 = zb.expand(config.chains + config.tuning_chains, *zb.shape[-2:]).clone()
-        runs.append(anneal(model_components(model, xb), z0, betas, config, generator))
+        z0 = zb.expand(config.chains, *zb.shape[-2:]).clone()
+        runs.append(anneal(target.components(xb), z0, betas, config, generator,
+                           log_step_schedule=reverse_schedule[:, i:i + batch_size]))
     upper = _combine(runs, -1.0, time.perf_counter() - start - lower.seconds)
     return BDMCResult(lower, upper)
