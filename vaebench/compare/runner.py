@@ -509,7 +509,8 @@ def _drive(ctx: Context, stages: list[Stage], outcome: Outcome, executor: str | 
                 blocked.add(stage.key)
                 outcome.failed.setdefault(stage.key, "not started: a stage it needs failed")
             free = runner.capacity - len(running)
-            batch = ready(pending, done)[:free] if free > 0 else []
+            batch = ready(pending, done)
+            batch = batch if free == math.inf else batch[:max(int(free), 0)]
             if batch:
                 for stage in batch:
                     pending.remove(stage)
