@@ -137,6 +137,8 @@ class Report:
         if not bounds:
             raise _Skip("no bounds records (the `vi` method was not run)")
         ks = _series_ks(bounds, "iwae")
+        if not ks:
+            raise _Skip("the bounds records hold no IWAE_K series (written by an older compare)")
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
         means, ses = zip(*[_mean_se([_series(r, "iwae", k) for r in bounds]) for k in ks])
@@ -223,6 +225,8 @@ class Report:
         if not records:
             raise _Skip("no variance records (the `vi` method was not run)")
         ks = _series_ks(records, "bound_std")
+        if not ks:
+            raise _Skip("the variance records hold no series over K (written by an older compare)")
         fig = Figure(figsize=(9, 3.8))
         left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         mean = [_mean_se([_series(r, "bound_std", k) for r in records])[0] for k in ks]
