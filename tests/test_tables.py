@@ -73,13 +73,14 @@ def test_csv_and_markdown_carry_the_same_numbers(records):
     assert "log p(x) IS-5000" in markdown and "gap (AIS − ELBO)" in markdown
 
 
-def test_grouping_by_method_pools_records(records):
+def test_grouping_by_method_groups_by_the_row_label(records):
+    """``--by method`` never pools iwae K=5 with K=50: a row is what its label (iwae-k5, iwae-k50) says."""
     records = records + [make("iwae", 50, 0, values=(-23.0, -23.1, -27.0, 4.0, 10, 40.0))]
     table = comparison_table(records, by=("method",), columns=("elbo",))
-    iwae = table[table["method"] == "iwae"].iloc[0]
-    values = [-25.0, -25.2, -24.8, -27.0]
-    assert iwae["elbo_mean"] == pytest.approx(statistics.mean(values))
-    assert iwae["elbo_se"] == pytest.approx(statistics.stdev(values) / 2)
+    assert table["method"].tolist() == ["vi", "iwae-k5", "iwae-k50"]
+    iwae = table[table["method"] == "iwae-k5"].iloc[0]
+    assert (iwae["elbo_mean"], iwae["elbo_se"]) == pytest.approx(hand("iwae", 5, "elbo"))
+    assert table[table["method"] == "iwae-k50"].iloc[0]["elbo_mean"] == pytest.approx(-27.0)
 
 
 def test_single_seed_has_no_standard_error(records):

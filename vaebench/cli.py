@@ -370,7 +370,7 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    from vaebench.compare import PUBLIC_PRESETS
+    from vaebench.compare import EXECUTORS, PUBLIC_PRESETS
 
     p = sub.add_parser("compare", help="train vi, iwae and hmc on the same data and score them all the same way",
                        description="Train every method with the same architecture, data and seeds; score each "
@@ -388,31 +388,52 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="directory of IDX files (mnist, fashion-mnist)")
     p.add_argument("--epochs", type=_non_negative_int, default=None, help="override the preset's epochs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (preset default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--guides", type=_name_list, default=None, help="encoder families of vi and iwae (default gaussian)")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: a pool of --workers processes (default); dask: tasks on a distributed cluster; "
+                        "slurm: submitit jobs")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="local: worker processes (default: usable cores; 1 runs in this process); "
+                        "dask without --scheduler: LocalCluster workers")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="dask: scheduler address, e.g. tcp://host:8786")
+    p.add_argument("--scheduler-file", default=None, metavar="FILE", help="dask: scheduler file of a running cluster")
+    p.add_argument("--slurm-partition", default=None, metavar="P", help="slurm: partition")
+    p.add_argument("--slurm-time", default=None, metavar="T", help="slurm: time limit per job, minutes or H:MM:SS "
+                                                                   "(default 24:00:00)")
+    p.add_argument("--slurm-gpus-per-job", type=_positive_int, default=None, metavar="G",
+                   help="slurm: GPUs per job (default 1 with --device cuda, else 0)")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default=None,
+                   help=argparse.SUPPRESS)   # submitit's local/debug executors: tests and dry runs
     p.set_defaults(handler=_run_compare)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     import time
 
-    from vaebench.compare import Comparison, preset
+    from vaebench.compare import preset, run_compare
     from vaebench.results import read_records
     from vaebench.tables import format_table
 
-    cfg = preset(args.preset, seeds=args.seeds, methods=args.methods, iwae_ks=args.k, dataset=args.dataset,
-                 data_dir=args.data_dir, epochs=args.epochs, device=args.device)
-    comparison = Comparison(cfg, args.out, progress=not args.quiet)
+    cfg = preset(args.preset, seeds=args.seeds, methods=args.methods, iwae_ks=args.k, guides=args.guides,
+                 dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, device=args.device)
+    options = {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
+               "slurm_partition": args.slurm_partition, "slurm_time": args.slurm_time,
+               "slurm_gpus_per_job": args.slurm_gpus_per_job, "slurm_cluster": args.slurm_cluster}
+    if args.executor == "slurm":
+        from vaebench.compare.runner import parse_slurm_time
+        parse_slurm_time(args.slurm_time)                 # a bad value is refused before anything is written
     start = time.perf_counter()
     try:
-        ran = comparison.run()
+        outcome = run_compare(cfg, args.out, progress=not args.quiet, executor=args.executor, workers=args.workers,
+                              **{k: v for k, v in options.items() if v is not None})
     except KeyboardInterrupt as exc:
         print(f"vaebench: compare {_interrupt_name(exc)}; finished stages are kept in {args.out}; rerun the "
               "same command to resume", file=sys.stderr)
         return interrupt_status(exc)
     print(format_table(read_records(args.out), "markdown"))
-    skipped = len(comparison.stages) - len(ran)
-    resumed = f" ({skipped} already done, resumed)" if skipped else ""
-    print(f"compare: {len(ran)} stages in {time.perf_counter() - start:.0f} s{resumed}; records in {args.out}")
+    resumed = f" ({outcome.skipped} already done, resumed)" if outcome.skipped else ""
+    print(f"compare: {len(outcome.ran)} stages in {time.perf_counter() - start:.0f} s{resumed}; records in {args.out}")
     return 0
 
 

@@ -314,3 +314,16 @@ def check_binary(x: torch.Tensor, what: str = "data") -> None:
         raise DataError(f"{what} contains NaN or infinite values")
     if not ((x == 0) | (x == 1)).all():
         raise DataError(f"{what} is not binary (values other than 0 and 1) but the likelihood is Bernoulli")
+
+
+def subset_dataset(data: Dataset, train_n: int | None, test_n: int | None) -> Dataset:
+    """The first ``train_n`` training and ``test_n`` test points of ``data`` (``None``: all)."""
+    import dataclasses
+
+    if train_n is None and test_n is None:
+        return data
+    metadata = {**data.metadata, "subset": f"first {train_n or 'all'} train, first {test_n or 'all'} test"}
+    return dataclasses.replace(
+        data, train=data.train[:train_n], test=data.test[:test_n], metadata=metadata,
+        train_labels=None if data.train_labels is None else data.train_labels[:train_n],
+        test_labels=None if data.test_labels is None else data.test_labels[:test_n])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,12 +29,14 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from vaebench.compare import subset_dataset, torch_threads
-from vaebench.data import evaluation_data, load_dataset
+from vaebench.config import HMCConfig
+from vaebench.data import evaluation_data, load_dataset, subset_dataset
 from vaebench.errors import VaebenchError
-from vaebench.results import ResultsError, read_records, records_frame
+from vaebench.inference.hmc import sample_posterior
+from vaebench.results import ResultsError, read_records, record_label, records_frame
 from vaebench.rundir import LOG_FILE, load_run, staged_directory
 from vaebench.tables import format_table, unavailable_lines
+from vaebench.threads import torch_threads
 
 FIGURE_DIR = "figures"
 REPORT_FILE = "report.md"
@@ -44,8 +45,24 @@ PROJECTION_POINTS = 1000
 """At most this many test points are drawn in the aggregate-posterior projection."""
 
 
-def _label(record: Mapping[str, Any]) -> str:
-    return record["method"] if record["k"] in (None, 1) or record["method"] != "iwae" else f"iwae-k{record['k']}"
+_label = record_label
+
+
+def _series(record: Mapping[str, Any], name: str, k: int) -> float | None:
+    """The value at ``k`` of the typed series ``name`` of a record (``None`` where missing)."""
+    return next((p["value"] for p in record.get("series", {}).get(name, []) if p["k"] == k), None)
+
+
+def _series_ks(records: Sequence[Mapping[str, Any]], name: str) -> list[int]:
+    return sorted({p["k"] for r in records for p in r.get("series", {}).get(name, [])})
+
+
+def _hmc_config(record: Mapping[str, Any], **changes: Any) -> HMCConfig:
+    """The HMC settings the compare stored for the report (``report_hmc``), as an :class:`HMCConfig`."""
+    settings = record["config"]["compare"].get("report_hmc")
+    if not settings:
+        raise _Skip("the records hold no report_hmc settings (written by an older compare)")
+    return HMCConfig(**{**settings, **changes})
 
 
 def _color(label: str, index: int = 0) -> str:
@@ -119,11 +136,12 @@ class Report:
         bounds = self.of_kind("bounds")
         if not bounds:
             raise _Skip("no bounds records (the `vi` method was not run)")
-        ks = sorted({int(m.group(1)) for r in bounds for name in r["metrics"]
-                     if (m := re.fullmatch(r"iwae_k(\d+)", name))})
+        ks = _series_ks(bounds, "iwae")
+        if not ks:
+            raise _Skip("the bounds records hold no IWAE_K series (written by an older compare)")
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
-        means, ses = zip(*[_mean_se([r["metrics"].get(f"iwae_k{k}") for r in bounds]) for k in ks])
+        means, ses = zip(*[_mean_se([_series(r, "iwae", k) for r in bounds]) for k in ks])
         ax.errorbar(ks, means, yerr=[0 if math.isnan(s) else s for s in ses], fmt="o-", capsize=3, label="IWAE_K bound")
         reference = bounds[0]["diagnostics"].get("log_px", "ais")
         mean, _ = _mean_se([r["metrics"].get("log_px") for r in bounds])
@@ -206,11 +224,12 @@ class Report:
         records = self.of_kind("variance")
         if not records:
             raise _Skip("no variance records (the `vi` method was not run)")
-        ks = sorted({int(m.group(1)) for r in records for name in r["metrics"]
-                     if (m := re.fullmatch(r"bound_std_k(\d+)", name))})
+        ks = _series_ks(records, "bound_std")
+        if not ks:
+            raise _Skip("the variance records hold no series over K (written by an older compare)")
         fig = Figure(figsize=(9, 3.8))
         left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        mean = [_mean_se([r["metrics"][f"bound_std_k{k}"] for r in records])[0] for k in ks]
+        mean = [_mean_se([_series(r, "bound_std", k) for r in records])[0] for k in ks]
         left.plot(ks, mean, "o-")
         left.set_xscale("log")
         left.set_yscale("log")
@@ -218,10 +237,10 @@ class Report:
         left.set_ylabel("std of the K-sample bound (nats)")
         left.set_title("Monte Carlo spread (K=1: ELBO)")
         left.grid(alpha=0.3, which="both")
-        for name, style, text in (("snr_decoder_k{}", "o-", "decoder (IWAE)"),
-                                  ("snr_encoder_k{}", "s-", "encoder (IWAE)"),
-                                  ("snr_encoder_dreg_k{}", "^--", "encoder (DReG)")):
-            values = [_mean_se([r["metrics"].get(name.format(k)) for r in records])[0] for k in ks]
+        for name, style, text in (("snr_decoder", "o-", "decoder (IWAE)"),
+                                  ("snr_encoder", "s-", "encoder (IWAE)"),
+                                  ("snr_encoder_dreg", "^--", "encoder (DReG)")):
+            values = [_mean_se([_series(r, name, k) for r in records])[0] for k in ks]
             right.plot(ks, values, style, label=text)
         right.set_xscale("log")
         right.set_yscale("log")
@@ -249,20 +268,16 @@ class Report:
         seed = min(r["seed"] for r in self.runs)
         return [r for r in self.runs if r["seed"] == seed]
 
-    def _posterior_draws(self, model: Any, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, str]:
+    def _posterior_draws(self, model: Any, x: torch.Tensor, record: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
+        seed = record["seed"]
         if model.has_encoder:
             import pyro
             pyro.set_rng_seed(seed)
             with torch.no_grad():
                 z, _ = model.encoder_proposal(x, 1)
             return z[0], "z ~ q(z|x)"
-        try:
-            from vaebench.config import HMCConfig
-            from vaebench.inference.hmc import sample_posterior
-        except ImportError as exc:
-            raise _Skip(f"no HMC sampler to draw from p(z|x) ({exc})") from None
         generator = torch.Generator().manual_seed(seed)
-        result = sample_posterior(model, x, HMCConfig(num_warmup=100, num_samples=1, num_leapfrog=5), generator)
+        result = sample_posterior(model, x, _hmc_config(record, num_samples=1, chains=1), generator)
         return result.samples[-1, 0], "z ~ p(z|x) by HMC"
 
     def fig_aggregate(self, path: Path) -> str:
@@ -275,7 +290,7 @@ class Report:
             ax = fig.add_subplot(1, len(runs), i + 1)
             model, x, labels = self._model_and_data(record)
             x, labels = x[:PROJECTION_POINTS], None if labels is None else labels[:PROJECTION_POINTS]
-            z, what = self._posterior_draws(model, x, seed=record["seed"])
+            z, what = self._posterior_draws(model, x, record)
             z = z.detach().double().cpu().numpy()
             pca = PCA(n_components=min(2, z.shape[1])).fit(z)
             proj = z @ pca.components_.T          # through the origin: the prior N(0, I) projects to N(0, I₂)
@@ -301,7 +316,7 @@ class Report:
         _save(fig, path)
         return (f"One latent draw per test point (at most {PROJECTION_POINTS}) from each method's posterior (seed "
                 f"{runs[0]['seed']}): z ~ q(z|x) with an encoder, the last state of a batched-HMC chain on p(z|x) "
-                "after 100 warm-up iterations without one; projected on its two leading principal directions (through the origin, so the "
+                "after the compare's report_hmc warm-up without one; projected on its two leading principal directions (through the origin, so the "
                 "prior N(0, I) projects to N(0, I₂)); circles are the prior's 1, 2 and 3 standard-deviation contours; "
                 "colours are digit classes.")
 
@@ -342,16 +357,11 @@ class Report:
 
     def fig_hmc(self, path: Path) -> str:
         """Trace plots of batched HMC on p(z|x) for a few test points, and the acceptance of HMC moves."""
-        try:
-            from vaebench.config import HMCConfig
-            from vaebench.inference.hmc import sample_posterior
-        except ImportError as exc:
-            raise _Skip(f"no batched HMC sampler in this installation ({exc})") from None
         runs = self._first_seed_runs()
         record = next((r for r in runs if r["method"] == "hmc"), None) or next((r for r in runs if r["method"] == "vi"),
                                                                                 runs[0])
         model, x, _ = self._model_and_data(record)
-        config = HMCConfig(num_warmup=100, num_samples=200, num_leapfrog=5, chains=1)
+        config = _hmc_config(record, chains=1)
         result = sample_posterior(model, x[:4], config, torch.Generator().manual_seed(record["seed"]))
         summary = result.diagnostics.summary()
         fig = Figure(figsize=(10, 3.6))
@@ -398,8 +408,7 @@ class Report:
                 ("gaps", "approximation_gap", "approximation gap log p(x) − ELBO[q*]"),
                 ("gaps", "amortisation_gap", "amortisation gap ELBO[q*] − ELBO[q]")]
         bounds = self.of_kind("bounds")
-        ks = sorted({int(m.group(1)) for r in bounds for n in r["metrics"] if (m := re.fullmatch(r"iwae_k(\d+)", n))})
-        spec += [("bounds", f"iwae_k{k}", f"IWAE_{k}") for k in ks]
+        spec += [("bounds", f"iwae@{k}", f"IWAE_{k}") for k in _series_ks(bounds, "iwae")]
         for label in dict.fromkeys(_label(r) for r in self.of_kind("aggregate")):
             spec += [("aggregate", f"{label}|average_kl", f"{label}: E KL(q(z\\|x)‖p(z))"),
                      ("aggregate", f"{label}|mutual_information", f"{label}: I(x; z) under q"),
@@ -410,7 +419,11 @@ class Report:
             if "|" in metric:
                 label, metric = metric.split("|")
                 records = [r for r in records if _label(r) == label]
-            values = [r["metrics"].get(metric) for r in records]
+            if "@" in metric:
+                name, k = metric.split("@")
+                values = [_series(r, name, int(k)) for r in records]
+            else:
+                values = [r["metrics"].get(metric) for r in records]
             mean, se = _mean_se(values)
             if math.isnan(mean):
                 continue
@@ -424,13 +437,13 @@ class Report:
         records = self.of_kind("variance")
         if not records:
             return ""
-        ks = sorted({int(m.group(1)) for r in records for n in r["metrics"] if (m := re.fullmatch(r"bound_std_k(\d+)", n))})
+        ks = _series_ks(records, "bound_std")
         rows = []
         for k in ks:
             row = {"K": k}
-            for metric, name in (("bound_std_k{}", "std of bound (nats)"), ("snr_encoder_k{}", "SNR encoder (IWAE)"),
-                                 ("snr_encoder_dreg_k{}", "SNR encoder (DReG)"), ("snr_decoder_k{}", "SNR decoder")):
-                mean, se = _mean_se([r["metrics"].get(metric.format(k)) for r in records])
+            for metric, name in (("bound_std", "std of bound (nats)"), ("snr_encoder", "SNR encoder (IWAE)"),
+                                 ("snr_encoder_dreg", "SNR encoder (DReG)"), ("snr_decoder", "SNR decoder")):
+                mean, se = _mean_se([_series(r, metric, k) for r in records])
                 row[name] = f"{mean:.3g}" + ("" if math.isnan(se) else f" ± {se:.2g}")
             rows.append(row)
         return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"

@@ -11,6 +11,8 @@ to defend and regenerate its numbers:
 ``method``, ``k``, ``seed``
                 training method, its number of importance samples (``None`` where it has none),
                 and the seed that reproduces the record
+``guide``       (optional) the encoder family of an encoder method (``gaussian``, ...), ``None`` without one
+``series``      (optional) metrics that vary along K, typed: ``name -> [{"k": K, "value": v, "se": s}, ...]``
 ``config``      the full ``model`` (:class:`~vaebench.config.ModelConfig`), ``train``
                 (:class:`~vaebench.config.TrainConfig`) and ``compare`` settings
 ``metrics``     flat ``name -> number`` (nats, counts or seconds; ``None`` for not computed)
@@ -74,6 +76,11 @@ RECORD_SCHEMA: dict[str, Any] = {
         "method": {"type": "string", "minLength": 1},
         "k": {"type": ["integer", "null"], "minimum": 1},
         "seed": {"type": "integer", "minimum": 0},
+        "guide": {"type": ["string", "null"]},
+        "series": {"type": "object", "additionalProperties": {
+            "type": "array", "items": {"type": "object", "required": ["k", "value"],
+                                       "properties": {"k": {"type": "integer", "minimum": 1},
+                                                      "value": _NUMBER_OR_NULL, "se": _NUMBER_OR_NULL}}}},
         "config": {
             "type": "object",
             "required": ["model", "train", "compare"],
@@ -102,6 +109,20 @@ class ResultsError(VaebenchError):
     """A results directory is missing, or a record in it is corrupt or breaks the schema."""
 
 
+def model_label(method: str, k: int | None, guide: str | None = None) -> str:
+    """The one name of a trained model, in run directories, stage keys, tables and reports.
+
+    ``vi``, ``hmc``, ``iwae-k<K>`` (also for K = 1), and ``+<guide>`` for a guide other than ``gaussian``.
+    """
+    label = f"iwae-k{k}" if method == "iwae" else method
+    return label if guide in (None, "gaussian") else f"{label}+{guide}"
+
+
+def record_label(record: Mapping[str, Any]) -> str:
+    """:func:`model_label` of a record."""
+    return model_label(record["method"], record["k"], record.get("guide"))
+
+
 def records_path(results_dir: str | os.PathLike) -> Path:
     """``RESULTS_DIR/records.jsonl``."""
     return Path(results_dir) / RECORDS_FILE
@@ -110,13 +131,20 @@ def records_path(results_dir: str | os.PathLike) -> Path:
 def make_record(*, key: str, kind: str, method: str, k: int | None, seed: int, config: Mapping[str, Any],
                 metrics: Mapping[str, float | int | None], wall_time: Mapping[str, float],
                 provenance: Mapping[str, Any], unavailable: Mapping[str, str] | None = None,
-                diagnostics: Mapping[str, Any] | None = None, run_dir: str | None = None) -> dict[str, Any]:
+                diagnostics: Mapping[str, Any] | None = None, run_dir: str | None = None,
+                guide: str | None = None, series: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Assemble and validate one record (see the module docstring for the fields)."""
     record = {"schema": SCHEMA_VERSION, "key": key, "kind": kind, "method": method, "k": k, "seed": seed,
               "config": _plain(dict(config)), "metrics": {name: _number(value) for name, value in metrics.items()},
               "wall_time": {name: float(value) for name, value in wall_time.items()},
               "unavailable": dict(unavailable or {}), "diagnostics": _plain(dict(diagnostics or {})),
               "run_dir": run_dir, "provenance": _plain(dict(provenance))}
+    if guide is not None:
+        record["guide"] = guide
+    if series:
+        record["series"] = _plain({name: [{"k": int(p["k"]), "value": _number(p.get("value")),
+                                           "se": _number(p.get("se"))} for p in points]
+                                   for name, points in series.items()})
     validate_record(record)
     return record
 
@@ -236,13 +264,15 @@ def comparable(record: Mapping[str, Any]) -> dict[str, Any]:
 def records_frame(records: list[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per record: identity columns, ``dataset``, then one column per metric and wall time.
 
-    Columns: ``key, kind, method, k, seed, dataset, run_dir``, every metric under its own name,
+    Columns: ``key, kind, method, k, guide, label, seed, dataset, run_dir`` (``label``:
+    :func:`model_label`), every metric under its own name,
     and ``seconds_<stage>`` for each wall-time entry. ``k`` is a nullable integer.
     """
     rows = []
     for record in records:
         row: dict[str, Any] = {"key": record["key"], "kind": record["kind"], "method": record["method"],
-                               "k": record["k"], "seed": record["seed"],
+                               "k": record["k"], "guide": record.get("guide"), "label": record_label(record),
+                               "seed": record["seed"],
                                "dataset": record["config"]["train"]["dataset"], "run_dir": record["run_dir"]}
         row.update(record["metrics"])
         row.update({f"seconds_{name}": value for name, value in record["wall_time"].items()})

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from vaebench.results import ResultsError, records_frame
+from vaebench.results import ResultsError, record_label, records_frame
 
 PUBLISHED_SOURCE = ("Burda, Grosse & Salakhutdinov (2016), Importance weighted autoencoders, Table 1: "
                     "test NLL on dynamically binarised MNIST, 784-200-200-50 tanh, one stochastic layer, "
@@ -97,6 +97,10 @@ def comparison_table(records: Sequence[Mapping[str, Any]], by: Sequence[str] = D
         ``by`` names a column the records do not have, or ``columns`` an unknown column.
     """
     frame = run_frame(records)
+    if "method" in by:
+        # a row is named by what its label says: without a k column, iwae K=5 and K=50 are two rows
+        frame["method"] = [label if "k" not in by else method + ("" if guide in (None, "gaussian") else f"+{guide}")
+                           for label, method, guide in zip(frame["label"], frame["method"], frame["guide"])]
     unknown_by = [name for name in by if name not in frame.columns]
     if unknown_by:
         choices = ", ".join(c for c in frame.columns if c in ("method", "k", "seed", "dataset", "kind"))
@@ -178,7 +182,7 @@ def notes(records: Sequence[Mapping[str, Any]], table: pd.DataFrame, columns: Se
     for record in records:
         m = record["metrics"]
         if record["kind"] == "run" and m.get("ais_minus_is") is not None and m.get("ais_minus_is_se") is not None:
-            label = record["method"] + ("" if record["k"] in (None, 1) else f"-k{record['k']}")
+            label = record_label(record)
             if m["ais_minus_is"] < -2 * m["ais_minus_is_se"]:
                 looser.setdefault(label, []).append(m["ais_minus_is"])
     if looser:
@@ -196,7 +200,7 @@ def unavailable_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per distinct reason something could not run: ``unavailable: NAMES (RUNS): REASON``."""
     grouped: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
     for record in records:
-        label = record["method"] + ("" if record["k"] in (None, 1) else f"-k{record['k']}")
+        label = record_label(record)
         for name, reason in record["unavailable"].items():
             names, labels = grouped.setdefault(reason, ({}, {}))
             names[name] = None
