@@ -388,7 +388,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="directory of IDX files (mnist, fashion-mnist)")
     p.add_argument("--epochs", type=_non_negative_int, default=None, help="override the preset's epochs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (preset default)")
-    p.add_argument("--guides", type=_name_list, default=None, help="encoder families of vi and iwae (default gaussian)")
+    _add_model_options(p, guides=False)
+    p.add_argument("--guides", type=_name_list, default=None,
+                   help="encoder families of vi and iwae, from gaussian,iaf,model (preset default); each is an "
+                        "axis of the table: vi, vi+iaf, iwae-k5, iwae-k5+iaf ...")
+    p.add_argument("--flows", type=_positive_int, default=None, help="flows of the iaf guide (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local: a pool of --workers processes (default); dask: tasks on a distributed cluster; "
@@ -415,8 +419,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     from vaebench.results import read_records
     from vaebench.tables import format_table
 
+    from vaebench.models.loading import parse_model_args
+
     cfg = preset(args.preset, seeds=args.seeds, methods=args.methods, iwae_ks=args.k, guides=args.guides,
-                 dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, device=args.device)
+                 dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, device=args.device,
+                 model=args.model, model_args=parse_model_args(args.model_arg) or None, flows=args.flows)
     options = {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
                "slurm_partition": args.slurm_partition, "slurm_time": args.slurm_time,
                "slurm_gpus_per_job": args.slurm_gpus_per_job, "slurm_cluster": args.slurm_cluster}

@@ -321,6 +321,15 @@ def check_settings(stored: CompareConfig, cfg: CompareConfig, out: Path) -> None
                            f"settings to resume (only {', '.join(AXES)} may grow), or choose another --out")
 
 
+def check_models(ctx: Context) -> None:
+    """Build every model of the plan once (no training), so a bad model or guide fails before anything is written."""
+    from vaebench.compare.plan import models
+    from vaebench.compare.stages import build_model
+
+    for model in models(ctx.cfg):
+        build_model(ctx, model, 0)
+
+
 def remove_partials(results_dir: Path) -> list[Path]:
     """Delete staging folders and files left by killed stages (``.NAME.partial-*``, ``.NAME.old-*``)."""
     removed = []
@@ -431,6 +440,7 @@ def prepare(cfg: CompareConfig, out: Path, ctx: Context) -> CompareLock:
     if stored is not None:
         check_settings(stored, cfg, out)
     _ = ctx.x_test                                       # load and check the data before writing anything
+    check_models(ctx)                                    # and a model that breaks the contract
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -19,8 +19,8 @@ from vaebench.data import DATASETS
 from vaebench.errors import ConfigError
 
 KNOWN_METHODS = ("vi", "iwae", "hmc")
-KNOWN_GUIDES = ("gaussian",)
-"""Encoder families of the ``guides`` axis (the integrator adds ``iaf``)."""
+KNOWN_GUIDES = ("gaussian", "iaf", "model")
+"""Encoder families of the ``guides`` axis: built diagonal Gaussian, built IAF, the model's own guide."""
 AXES = ("seeds", "methods", "iwae_ks", "guides")
 """List-valued settings that are sets a results directory can grow along."""
 MAX_SEED = 2**32 - 1
@@ -40,8 +40,15 @@ class CompareConfig:
     methods, iwae_ks, seeds, guides
         Training methods, the K of each ``iwae`` run, the seeds (mean ± SE over seeds) and the
         encoder families of the encoder methods. Sets (:data:`AXES`): stored sorted.
+    model, model_args
+        The generative model every method shares: a built-in (``mlp``, ``linear``, ``burda-2layer``;
+        ``None`` picks ``linear`` for ``linear-gaussian`` and ``mlp`` otherwise) or a user SPEC
+        ``path/to/file.py:factory`` with its factory's keyword arguments.
+    flows
+        IAF flows of the ``iaf`` guide.
     latent_dim, hidden, activation
-        The one architecture every method shares (encoder widths mirror ``hidden``).
+        The architecture of ``mlp``/``linear`` (``latent_dim`` and ``hidden``), and of every built guide
+        (encoder widths mirror ``hidden``).
     epochs, batch_size, lr, lr_schedule, adam_eps, device, dtype
         Training settings shared by every method (:class:`~vaebench.config.TrainConfig`).
     train_subset, test_subset
@@ -79,6 +86,9 @@ class CompareConfig:
     iwae_ks: tuple[int, ...] = (5, 50)
     seeds: tuple[int, ...] = (0, 1, 2)
     guides: tuple[str, ...] = ("gaussian",)
+    model: str | None = None
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    flows: int = 2
     latent_dim: int = 10
     hidden: tuple[int, ...] = (100, 100)
     activation: str = "tanh"
@@ -116,6 +126,10 @@ class CompareConfig:
                 raise ConfigError(message)
 
         check(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if self.model is None:
+            object.__setattr__(self, "model", "linear" if self.dataset == "linear-gaussian" else "mlp")
+        check(isinstance(self.model, str) and bool(self.model), f"--model must be a name or SPEC, got {self.model!r}")
+        check(1 <= self.flows <= 64, f"--flows must be in 1..64, got {self.flows}")
         check(len(self.methods) > 0 and len(set(self.methods)) == len(self.methods),
               f"--methods must be a non-empty list without repeats, got {','.join(self.methods)}")
         unknown = [m for m in self.methods if m not in KNOWN_METHODS]
@@ -157,6 +171,7 @@ class CompareConfig:
         out = dataclasses.asdict(self)
         out["ais"] = dict(self.ais)
         out["report_hmc"] = dict(self.report_hmc)
+        out["model_args"] = dict(self.model_args)
         return json.loads(json.dumps(out))
 
     @classmethod
@@ -209,6 +224,8 @@ def preset(name: str, **overrides: Any) -> CompareConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PUBLIC_PRESETS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    if "dataset" in changes and "model" not in changes:
+        changes["model"] = None                          # the data set's default built-in
     try:
         return dataclasses.replace(PRESETS[name], **changes)
     except TypeError as exc:

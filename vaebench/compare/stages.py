@@ -33,7 +33,8 @@ import torch
 from vaebench import evaluation
 from vaebench.compare.plan import Model, Stage, stage_seed
 from vaebench.compare.settings import CompareConfig
-from vaebench.config import AISConfig, ModelConfig, TrainConfig
+from vaebench.config import DECODERS, AISConfig, ModelConfig, TrainConfig
+from vaebench.models.loading import make_model_config
 from vaebench.data import Dataset, evaluation_data, load_dataset, subset_dataset
 from vaebench.estimators import elbo, importance_sampling, mean_and_stderr, over_batches
 from vaebench.inference.local_vi import fit_local_gaussians, frozen
@@ -98,10 +99,13 @@ def likelihood(data: Dataset) -> str:
 def model_configs(ctx: Context, model: Model, seed: int) -> tuple[ModelConfig, TrainConfig]:
     """The model and training configuration of ``model`` trained with ``seed``."""
     cfg = ctx.cfg
-    model_config = ModelConfig(
-        data_dim=ctx.dataset.data_dim, latent_dim=cfg.latent_dim, hidden=cfg.hidden, activation=cfg.activation,
-        decoder="linear" if cfg.dataset == "linear-gaussian" else "mlp", likelihood=likelihood(ctx.dataset),
-        encoder=model.has_encoder)
+    builtin = cfg.model in DECODERS
+    model_config = make_model_config(
+        cfg.model, ctx.dataset.data_dim, real_valued=ctx.dataset.kind == "real", encoder=model.has_encoder,
+        model_args=cfg.model_args, guide=model.guide, flows=cfg.flows if model.guide == "iaf" else None,
+        latent_dim=cfg.latent_dim if builtin else None, hidden=cfg.hidden if builtin else None,
+        activation=cfg.activation, likelihood=likelihood(ctx.dataset) if builtin else None,
+        encoder_hidden=cfg.hidden)
     extra = {"hmc_transitions": cfg.hmc_transitions, "hmc_leapfrog": cfg.hmc_leapfrog} if model.method == "hmc" else {}
     train_config = TrainConfig(
         method=model.method, dataset=cfg.dataset, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -120,7 +124,7 @@ def build_model(ctx: Context, model: Model, seed: int) -> tuple[VAE, TrainConfig
 
 def load_model(ctx: Context, stage: Stage) -> tuple[VAE, dict[str, Any]]:
     """The trained model of ``stage``'s model and seed from its run directory, and its ``config.json``."""
-    vae, _, saved = load_run(ctx.run_dir(stage), device=ctx.device, dtype=ctx.dtype)
+    vae, _, saved = load_run(ctx.run_dir(stage), device=ctx.device, dtype=ctx.dtype, model_spec=ctx.cfg.model)
     return vae, saved
 
 
