@@ -284,6 +284,8 @@ class LatentModel(nn.Module):
             scorer = _TraceGuide(self.generative)
             trace = _with_detached_parameters(scorer, "forward", x, values) if detach_parameters else scorer(x, values)
             return log_det + _guide_log_prob(trace)
+        n, dim = x.shape[-2], self.latent_dim
+        u = u.expand(*torch.broadcast_shapes(u.shape[:-1], (n,)), dim)    # a value per (draw, datapoint) pair
         return self._require_encoder().distribution(x, detach_parameters).log_prob(u)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,8 @@ class Column:
 
 COLUMNS: dict[str, Column] = {
     "ais": Column("log p(x) AIS", "log_px_ais", 2),
+    "ais_steps": Column("AIS T", "ais_steps", 0),
+    "bdmc_gap": Column("BDMC gap", "bdmc_gap", 3),
     "is": Column("log p(x) IS-{is_k}", "log_px_is", 2),
     "elbo": Column("ELBO", "elbo", 2),
     "gap": Column("gap", "gap", 2),
@@ -52,7 +54,9 @@ COLUMNS: dict[str, Column] = {
     "grad_evals": Column("gradient evaluations", "gradient_evaluations", 0),
     "published": Column("published", "published", 2),
 }
-DEFAULT_COLUMNS = ("ais", "is", "elbo", "gap", "active_units", "time", "published")
+DEFAULT_COLUMNS = ("ais", "ais_steps", "bdmc_gap", "is", "elbo", "gap", "active_units", "time", "published")
+UNCERTIFIED_MARK = "†"
+"""Appended to an AIS cell when some decoder of the row was not certified by BDMC."""
 DEFAULT_BY = ("method", "k")
 FORMATS = ("markdown", "latex", "csv")
 
@@ -99,7 +103,8 @@ def comparison_table(records: Sequence[Mapping[str, Any]], by: Sequence[str] = D
     frame = run_frame(records)
     if "method" in by:
         # a row is named by what its label says: without a k column, iwae K=5 and K=50 are two rows
-        frame["method"] = [label if "k" not in by else method + ("" if guide in (None, "gaussian") else f"+{guide}")
+        frame["method"] = [label if "k" not in by else method + ("" if pd.isna(guide) or guide == "gaussian"
+                                                                  else f"+{guide}")
                            for label, method, guide in zip(frame["label"], frame["method"], frame["guide"])]
     unknown_by = [name for name in by if name not in frame.columns]
     if unknown_by:
@@ -115,6 +120,8 @@ def comparison_table(records: Sequence[Mapping[str, Any]], by: Sequence[str] = D
         keys = group_key if isinstance(group_key, tuple) else (group_key,)
         row: dict[str, Any] = dict(zip(by, keys))
         row["seeds"] = int(group["seed"].nunique())
+        certified = pd.to_numeric(group["ais_certified"], errors="coerce") if "ais_certified" in group else None
+        row["uncertified"] = int((certified == 0).sum()) if certified is not None else 0
         for name in columns:
             source = COLUMNS[name].source
             values = pd.to_numeric(group[source], errors="coerce") if source in group else pd.Series(dtype=float)
@@ -137,7 +144,7 @@ def _cell(mean: float, se: float | None, digits: int, latex: bool) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—" if not latex else "--"
     text = f"{mean:.{digits}f}"
-    if se is not None and not math.isnan(se):
+    if se is not None and not math.isnan(se) and not (digits == 0 and se == 0):
         text += (r" $\pm$ " if latex else " ± ") + f"{se:.{digits}f}"
     if latex:
         text = text.replace("-", "$-$", 1) if text.startswith("-") else text
@@ -178,6 +185,24 @@ def notes(records: Sequence[Mapping[str, Any]], table: pd.DataFrame, columns: Se
         shown = "published_mean" in table and table["published_mean"].notna().any()
         out.append(f"published: {PUBLISHED_SOURCE}." if shown else
                    "published: — (Burda et al. 2016 values apply only to MNIST with the 784-200-200-50 tanh model).")
+    if "ais" in columns or "bdmc_gap" in columns:
+        tolerances = sorted({r["diagnostics"].get("ais", {}).get("certificate", {}).get("tolerance")
+                             for r in records if r["kind"] == "run"} - {None})
+        if tolerances:
+            out.append("AIS T: the annealing length BDMC certified on data simulated from each decoder (Wu et al. "
+                       "2017): T doubles until the BDMC gap (upper − lower bound, mean over the simulated points) "
+                       f"plus its standard error is below {'/'.join(f'{t:g}' for t in tolerances)} nats; "
+                       "BDMC gap: that gap at the chosen T.")
+        if "uncertified" in table and table["uncertified"].sum():
+            out.append(f"{UNCERTIFIED_MARK} uncertified: for {int(table['uncertified'].sum())} decoder(s) the BDMC gap "
+                       "did not close within the largest T tried; their AIS numbers may understate log p(x).")
+    posthoc = sorted({record_label(r) for r in records if r["kind"] == "run" and r["metrics"].get("posthoc_encoder")})
+    if posthoc:
+        budgets = {"{objective}, {epochs} epochs, lr {lr:g}".format(**r["diagnostics"]["posthoc_encoder"])
+                   for r in records if r["kind"] == "run" and r["metrics"].get("posthoc_encoder")}
+        budget = next(iter(budgets)) if len(budgets) == 1 else "see the records"
+        out.append(f"{', '.join(posthoc)}: IS, ELBO, gap and active units use a post-hoc encoder, a Gaussian "
+                   f"fitted to the frozen decoder after training ({budget}); the decoder was learned without one.")
     looser: dict[str, list[float]] = {}
     for record in records:
         m = record["metrics"]
@@ -232,7 +257,10 @@ def format_table(records: Sequence[Mapping[str, Any]], fmt: str = "markdown", by
     for name in columns:
         digits = COLUMNS[name].digits
         se = table[f"{name}_se"] if f"{name}_se" in table else [None] * len(table)
-        shown[labels[name]] = [_cell(m, s, digits, latex) for m, s in zip(table[f"{name}_mean"], se)]
+        cells = [_cell(m, s, digits, latex) for m, s in zip(table[f"{name}_mean"], se)]
+        if name == "ais":
+            cells = [cell + (f" {UNCERTIFIED_MARK}" if n else "") for cell, n in zip(cells, table["uncertified"])]
+        shown[labels[name]] = cells
     footnotes = notes(records, table, columns) if with_notes else []
     if latex:
         body = shown.to_latex(index=False, column_format="l" * len(by) + "r" * (len(shown.columns) - len(by)),

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from vaebench.config import ModelConfig, TrainConfig
+from vaebench.config import CertifyConfig, ModelConfig, TrainConfig
 from vaebench.data import DATASETS
 from vaebench.errors import ConfigError
 
@@ -70,6 +70,14 @@ class CompareConfig:
     ais, ais_batch_size
         Settings of the ``ais`` estimator (fields of :class:`vaebench.config.AISConfig`) and the
         datapoints it anneals at once.
+    certify
+        Certified AIS (fields of :class:`vaebench.config.CertifyConfig`: ``points``, ``max_steps``,
+        ``tolerance``): T doubles from ``ais["steps"]`` until BDMC on data simulated from each decoder
+        closes its gap (:func:`vaebench.inference.certify.certify`); ``None`` runs AIS at the given T.
+    posthoc_encoder
+        A decoder without an encoder (``hmc``) gets a Gaussian encoder fitted afterwards with the
+        decoder frozen: ``epochs`` of the IWAE-``k`` objective at learning rate ``lr``; it gives that
+        decoder an IS and ELBO of its own (labelled post-hoc).
     report_hmc
         Settings (fields of :class:`vaebench.config.HMCConfig`) of the HMC chains ``report`` draws
         for its trace plot and, for decoders without an encoder, its posterior projection; part of
@@ -115,6 +123,8 @@ class CompareConfig:
     hmc_transitions: int = 1
     hmc_leapfrog: int = 5
     ais: Mapping[str, Any] = field(default_factory=lambda: {"steps": 100, "leapfrog": 2, "chains": 4})
+    certify: Mapping[str, Any] | None = None
+    posthoc_encoder: Mapping[str, Any] = field(default_factory=lambda: {"epochs": 10, "k": 5, "lr": 3e-3})
     ais_batch_size: int = 1000
     report_hmc: Mapping[str, Any] = field(
         default_factory=lambda: {"num_warmup": 100, "num_samples": 200, "num_leapfrog": 5})
@@ -130,6 +140,12 @@ class CompareConfig:
             object.__setattr__(self, "model", "linear" if self.dataset == "linear-gaussian" else "mlp")
         check(isinstance(self.model, str) and bool(self.model), f"--model must be a name or SPEC, got {self.model!r}")
         check(1 <= self.flows <= 64, f"--flows must be in 1..64, got {self.flows}")
+        if self.certify is not None:
+            CertifyConfig(**self.certify)
+            check(int(self.certify.get("max_steps", 8000)) >= int(self.ais.get("steps", 500)),
+                  "certify max_steps must be at least the AIS steps")
+        check(set(self.posthoc_encoder) == {"epochs", "k", "lr"},
+              "posthoc_encoder needs exactly the settings epochs, k and lr")
         check(len(self.methods) > 0 and len(set(self.methods)) == len(self.methods),
               f"--methods must be a non-empty list without repeats, got {','.join(self.methods)}")
         unknown = [m for m in self.methods if m not in KNOWN_METHODS]
@@ -172,6 +188,8 @@ class CompareConfig:
         out["ais"] = dict(self.ais)
         out["report_hmc"] = dict(self.report_hmc)
         out["model_args"] = dict(self.model_args)
+        out["certify"] = None if self.certify is None else dict(self.certify)
+        out["posthoc_encoder"] = dict(self.posthoc_encoder)
         return json.loads(json.dumps(out))
 
     @classmethod
@@ -197,7 +215,8 @@ def union(a: CompareConfig, b: CompareConfig) -> CompareConfig:
 PRESETS: dict[str, CompareConfig] = {
     "quick": CompareConfig(
         preset="quick", dataset="digits", seeds=(0, 1, 2), latent_dim=10, hidden=(100, 100), epochs=20,
-        batch_size=100, lr=3e-3, ais={"steps": 500, "leapfrog": 2, "chains": 4}, threads=1),
+        batch_size=100, lr=3e-3, guides=("gaussian", "iaf"), ais={"steps": 500, "leapfrog": 2, "chains": 4},
+        certify={"points": 100, "max_steps": 8000, "tolerance": 0.1}, threads=1),
     "paper": CompareConfig(
         # Burda, Grosse & Salakhutdinov (2016), §5: 784-200-200-50 tanh, one stochastic layer, batch 20,
         # Adam(β=(0.9, 0.999), ε=1e-4), lr 1e-3·10^(-i/7) for 3^i epochs (i = 0..7, 3,280 epochs), K = 5000.
@@ -205,12 +224,14 @@ PRESETS: dict[str, CompareConfig] = {
         batch_size=20, lr=1e-3, lr_schedule="burda", adam_eps=1e-4, device="auto", eval_batch_size=100,
         is_k=5000, elbo_k=1000, local_vi_steps=2000, local_vi_lr=0.02, local_vi_k=16, aggregate_samples=1,
         variance_ks=(1, 5, 50, 500), variance_replicates=100, hmc_transitions=3, hmc_leapfrog=10,
-        ais={"steps": 10000, "leapfrog": 10, "chains": 16}),
+        guides=("gaussian", "iaf"), ais={"steps": 1000, "leapfrog": 10, "chains": 16},
+        certify={"points": 100, "max_steps": 64000, "tolerance": 0.1}, posthoc_encoder={"epochs": 100, "k": 50, "lr": 1e-3}),
     "tiny": CompareConfig(
         preset="tiny", dataset="digits", methods=("vi", "iwae"), iwae_ks=(3,), seeds=(0, 1), latent_dim=3,
         hidden=(16,), epochs=2, train_subset=200, test_subset=30, is_k=50, elbo_k=10, bound_ks=(1, 10, 50),
         local_vi_steps=20, aggregate_samples=2, variance_ks=(2,), variance_replicates=5, variance_batch=10,
-        ais={"steps": 20, "leapfrog": 2, "chains": 2}, report_hmc={"num_warmup": 20, "num_samples": 30,
+        ais={"steps": 20, "leapfrog": 2, "chains": 2}, certify={"points": 8, "max_steps": 40, "tolerance": 0.5},
+        posthoc_encoder={"epochs": 1, "k": 2, "lr": 3e-3}, report_hmc={"num_warmup": 20, "num_samples": 30,
                                                                    "num_leapfrog": 3}, threads=1),
 }
 """``quick``: the README's command, offline, a few minutes on a 2-core CPU. ``paper``: the IWAE

@@ -33,11 +33,11 @@ import torch
 from vaebench import evaluation
 from vaebench.compare.plan import Model, Stage, stage_seed
 from vaebench.compare.settings import CompareConfig
-from vaebench.config import DECODERS, AISConfig, ModelConfig, TrainConfig
+from vaebench.config import DECODERS, AISConfig, CertifyConfig, ModelConfig, TrainConfig
 from vaebench.models.loading import make_model_config
 from vaebench.data import Dataset, evaluation_data, load_dataset, subset_dataset
 from vaebench.estimators import elbo, importance_sampling, mean_and_stderr, over_batches
-from vaebench.inference.local_vi import fit_local_gaussians, frozen
+from vaebench.inference.local_vi import fit_local_gaussians, fit_local_iaf, frozen
 from vaebench.metrics import active_units, aggregate_posterior, bound_spread, gradient_snr
 from vaebench.model import VAE
 from vaebench.provenance import provenance, resolve_device, resolve_dtype
@@ -224,11 +224,23 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     values: dict[str, torch.Tensor] = {}
     diagnostics: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    settings = evaluation.EstimatorSettings(batch_size=cfg.ais_batch_size, ais=AISConfig(**cfg.ais))
+    certify = None if cfg.certify is None else CertifyConfig(**cfg.certify)
+    settings = evaluation.EstimatorSettings(batch_size=cfg.ais_batch_size, ais=AISConfig(**cfg.ais), certify=certify)
     values["ais"], diagnostics["ais"], wall["ais"] = score(ctx, vae, "ais", settings, stage_seed(seed, "eval/ais"))
     diagnostics["ais_settings"] = jsonable(dataclasses.asdict(settings))
     metrics["log_px_ais"], metrics["log_px_ais_se"] = mean_and_stderr(values["ais"])
-    if stage.model.has_encoder:
+    metrics["ais_steps"] = diagnostics["ais"]["steps"]
+    certificate = diagnostics["ais"].get("certificate")
+    if certificate is not None:
+        metrics["ais_certified"] = int(certificate["certified"])
+        metrics["bdmc_gap"], metrics["bdmc_gap_se"] = certificate["bdmc_gap"], certificate["bdmc_gap_stderr"]
+    else:
+        unavailable["certificate"] = "AIS ran at the given T without BDMC certification (settings: certify = None)"
+    encoder_note = None
+    if not stage.model.has_encoder:
+        vae, diagnostics["posthoc_encoder"], wall["posthoc_encoder"] = posthoc_encoder(ctx, vae, seed)
+        encoder_note = "post-hoc"
+    if vae.has_encoder:
         settings = evaluation.EstimatorSettings(k=cfg.is_k, batch_size=cfg.eval_batch_size)
         values["is"], diagnostics["is"], wall["is"] = score(ctx, vae, "iwae", settings, stage_seed(seed, "eval/is"))
         metrics["log_px_is"], metrics["log_px_is_se"] = mean_and_stderr(values["is"])
@@ -241,11 +253,34 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
         metrics["ais_minus_is"], metrics["ais_minus_is_se"] = mean_and_stderr(values["ais"] - values["is"])
         metrics["gap"], metrics["gap_se"] = mean_and_stderr(values["ais"] - values["elbo"])
         diagnostics["gap"] = "log p(x) by AIS − ELBO, paired"
-    else:
-        reason = "no encoder (hmc-trained decoder): importance sampling and the ELBO need q(z|x)"
-        unavailable["is"] = unavailable["elbo"] = reason
+        if encoder_note is not None:
+            diagnostics["encoder"] = ("post-hoc: a Gaussian encoder fitted to the frozen decoder after training; "
+                                      "IS, ELBO and gap use it, active units describe it")
+            metrics["posthoc_encoder"] = 1
     save_tensors(ctx.values_path(stage), values)
     return record(ctx, stage, saved, metrics, wall, unavailable, diagnostics)
+
+
+def posthoc_encoder(ctx: Context, vae: VAE, seed: int) -> tuple[VAE, dict[str, Any], float]:
+    """A Gaussian encoder fitted to a trained decoder that has none, with the decoder frozen.
+
+    The IWAE-K objective (:func:`vaebench.inference.iwae.iwae_objective`) trains only φ for the
+    budget ``ctx.cfg.posthoc_encoder`` (epochs, K, learning rate) on the training set, so that an
+    ``hmc``-trained decoder gets importance-sampled log p(x) and an ELBO that are independent of AIS.
+    """
+    cfg = ctx.cfg
+    budget = dict(cfg.posthoc_encoder)
+    config = dataclasses.replace(vae.config, encoder=True, guide="gaussian", flows=0)
+    start = time.perf_counter()
+    pyro.set_rng_seed(stage_seed(seed, "posthoc-encoder/init"))
+    fitted = VAE(config, vae.generative).to(device=ctx.device, dtype=ctx.dtype)
+    fitted.generative.requires_grad_(False)
+    train_config = TrainConfig(method="iwae", dataset=cfg.dataset, epochs=int(budget["epochs"]), k=int(budget["k"]),
+                               batch_size=cfg.batch_size, lr=float(budget["lr"]), seed=stage_seed(seed, "posthoc-encoder"),
+                               adam_eps=cfg.adam_eps, data_dir=cfg.data_dir, dtype=cfg.dtype, device=cfg.device)
+    fitted = train(fitted, ctx.dataset, train_config, progress=False).model
+    info = {"objective": f"iwae-{budget['k']}", **budget, "decoder": "frozen", "guide": "gaussian"}
+    return fitted, info, time.perf_counter() - start
 
 
 def bounds_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
@@ -285,12 +320,17 @@ def gaps_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     log_px, reference, values = reference_log_px(ctx, stage)
     x = ctx.x_test
     start = time.perf_counter()
-    with torch.no_grad():
-        loc, scale = vae.encode(x)
     generator = torch.Generator().manual_seed(stage_seed(seed, "gaps/local-vi"))
+    family = "iaf" if vae.config.guide == "iaf" else "gaussian"
     with frozen(vae):
-        qstar = fit_local_gaussians(vae.log_joint, x, loc, scale.log(), steps=cfg.local_vi_steps,
-                                    lr=cfg.local_vi_lr, k=cfg.local_vi_k, generator=generator)
+        if family == "iaf":                  # each guide family gets a q* of its own family (Cremer et al. 2018)
+            qstar = fit_local_iaf(vae.log_joint, x, vae.encoder, steps=cfg.local_vi_steps, lr=cfg.local_vi_lr,
+                                  k=cfg.local_vi_k, generator=generator)
+        else:
+            with torch.no_grad():
+                loc, scale = vae.encode(x)
+            qstar = fit_local_gaussians(vae.log_joint, x, loc, scale.log(), steps=cfg.local_vi_steps,
+                                        lr=cfg.local_vi_lr, k=cfg.local_vi_k, generator=generator)
     fit_seconds = time.perf_counter() - start
     pyro.set_rng_seed(stage_seed(seed, "gaps/elbo"))
     with torch.no_grad():
@@ -305,7 +345,9 @@ def gaps_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     metrics["amortisation_gap"], metrics["amortisation_gap_se"] = mean_and_stderr(elbo_qstar - elbo_q)
     diagnostics = {"log_px": reference, "local_vi_history": qstar.history,
                    "local_vi": {"steps": cfg.local_vi_steps, "lr": cfg.local_vi_lr, "k": cfg.local_vi_k,
-                                "init": "encoder"}}
+                                "init": "encoder", "family": family,
+                                "q*": ("per-datapoint diagonal Gaussian" if family == "gaussian" else
+                                       "per-datapoint base Gaussian and flow context, the guide's IAF flows")}}
     return record(ctx, stage, saved, metrics, {"local_vi": fit_seconds, "total": time.perf_counter() - start},
                   {}, diagnostics)
 
@@ -323,9 +365,16 @@ def variance_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
         pyro.set_rng_seed(stage_seed(seed, f"variance/k{k}"))
         std, std_se = bound_spread(vae, x, k, cfg.variance_replicates)
         snr = gradient_snr(vae, x, k, cfg.variance_replicates)
-        dreg = gradient_snr(vae, x, k, cfg.variance_replicates, dreg=True)
+        dreg_snr = None
+        if vae.config.guide == "iaf":
+            unavailable["snr_encoder_dreg"] = ("DReG needs the guide's density with φ stopped at its own draws, "
+                                               "which an IAF guide gives only by inverting its flows")
+        else:
+            dreg_snr = gradient_snr(vae, x, k, cfg.variance_replicates, dreg=True).encoder
         for name, value, se in (("bound_std", std, std_se), ("snr_encoder", snr.encoder, None),
-                                ("snr_decoder", snr.decoder, None), ("snr_encoder_dreg", dreg.encoder, None)):
+                                ("snr_decoder", snr.decoder, None), ("snr_encoder_dreg", dreg_snr, None)):
+            if name == "snr_encoder_dreg" and value is None:
+                continue
             kept = _finite(None if value is None else float(value))
             if kept is None:
                 unavailable[f"{name}_k{k}"] = (f"{name} at K={k} is not a finite number ({value}): every "

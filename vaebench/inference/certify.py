@@ -67,6 +67,9 @@ class Certificate:
         Simulated datapoints.
     history
         ``(T, ḡ(T), se(T))`` for every T tried, in order.
+    bounds
+        ``(mean lower bound, mean upper bound)`` over the simulated points at each T of ``history``
+        (what the report plots against T).
     """
 
     steps: int
@@ -77,11 +80,13 @@ class Certificate:
     seconds: float
     points: int
     history: tuple[tuple[int, float, float], ...]
+    bounds: tuple[tuple[float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: the scalars plus ``history`` as a list of ``[T, gap, stderr]``."""
         out = dataclasses.asdict(self)
         out["history"] = [list(entry) for entry in self.history]
+        out["bounds"] = [list(entry) for entry in self.bounds]
         return out
 
     def describe(self) -> str:
@@ -138,17 +143,19 @@ def certify(model: Any, config: AISConfig, generator: torch.Generator,
     start = time.perf_counter()
     x_sim, u_sim = target.simulate(settings.points, generator)
     history: list[tuple[int, float, float]] = []
+    bounds: list[tuple[float, float]] = []
     certified = False
     for steps in ladder:
         result = bdmc(target, x_sim, u_sim, dataclasses.replace(config, steps=steps), generator, batch_size)
         gap, stderr = mean_and_stderr(result.gap)
         history.append((steps, gap, stderr))
+        bounds.append((float(result.lower.log_marginal.double().mean()), float(result.upper.log_marginal.double().mean())))
         if gap + stderr < settings.tolerance:
             certified = True
             break
     steps, gap, stderr = history[-1]
     return Certificate(steps, gap, stderr, float(settings.tolerance), certified, time.perf_counter() - start,
-                       settings.points, tuple(history))
+                       settings.points, tuple(history), tuple(bounds))
 
 
 def certified_ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generator,
