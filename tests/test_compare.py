@@ -182,8 +182,8 @@ def test_paper_preset_is_burdas_protocol():
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "vi,nuts"], "unknown method(s) nuts"),
     (["--seeds", "0,x"], "expected comma-separated integers"),
-    (["--seeds", "4294967296"], "--seeds must be distinct integers in 0..4294967295"),
-    (["--seeds", str(2**70)], "--seeds must be distinct integers in 0..4294967295"),
+    (["--seeds", "4294967296"], "argument --seeds: expected integers in 0..4294967295"),
+    (["--seeds", str(2**70)], "argument --seeds: expected integers in 0..4294967295"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--executor", "slurm", "--slurm-time", "soon"], "--slurm-time must be minutes"),
 ])

@@ -245,7 +245,7 @@ def format_table(records: Sequence[Mapping[str, Any]], fmt: str = "markdown", by
         raise ResultsError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     table = comparison_table(records, by, columns)
     if fmt == "csv":
-        return table.to_csv(index=False, float_format="%.6g")
+        return table.drop(columns=["uncertified"]).to_csv(index=False, float_format="%.6g")
     latex = fmt == "latex"
     labels = _labels(records, columns, gap_reference(records), latex)
     shown = pd.DataFrame()
