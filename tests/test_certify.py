@@ -80,7 +80,7 @@ def test_certified_ais_works_on_a_target_that_is_not_a_vae():
     g = torch.Generator().manual_seed(0)
     x, _ = target.simulate(30, g)
     result, certificate = certify.certified_ais(target, x, AISConfig(steps=4, leapfrog=3, chains=8), g,
-                                                CertifyConfig(points=20, max_steps=64, tolerance=0.1))
+                                                CertifyConfig(points=100, max_steps=256, tolerance=0.1))
     assert certificate.certified and certificate.history[-1][0] == certificate.steps
     error, stderr = mean_and_stderr(result.log_marginal - target.exact(x))
     assert abs(error) < 3 * stderr, (error, stderr)

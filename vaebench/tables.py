@@ -203,22 +203,34 @@ def notes(records: Sequence[Mapping[str, Any]], table: pd.DataFrame, columns: Se
         budget = next(iter(budgets)) if len(budgets) == 1 else "see the records"
         out.append(f"{', '.join(posthoc)}: IS, ELBO, gap and active units use a post-hoc encoder, a Gaussian "
                    f"fitted to the frozen decoder after training ({budget}); the decoder was learned without one.")
+    paired = [r for r in records if r["kind"] == "run" and r["metrics"].get("ais_minus_is") is not None
+              and r["metrics"].get("ais_minus_is_se")]
+    threshold = disagreement_threshold(len(paired))
     looser: dict[str, list[float]] = {}
-    for record in records:
+    for record in paired:
         m = record["metrics"]
-        if record["kind"] == "run" and m.get("ais_minus_is") is not None and m.get("ais_minus_is_se") is not None:
-            label = record_label(record)
-            if m["ais_minus_is"] < -2 * m["ais_minus_is_se"]:
-                looser.setdefault(label, []).append(m["ais_minus_is"])
+        if m["ais_minus_is"] < -threshold * m["ais_minus_is_se"]:
+            looser.setdefault(record_label(record), []).append(m["ais_minus_is"])
     if looser:
         parts = [f"{label} ({len(v)} run(s), by {-max(v):.2f}" + ("" if len(v) == 1 else f"–{-min(v):.2f}") + " nats)"
                  for label, v in looser.items()]
-        out.append("AIS came out looser than importance sampling (paired, by more than 2 SE) for "
-                   f"{', '.join(parts)}: its annealing is too short for these models, so AIS-based numbers "
-                   "(the gap, and the only log p(x) of decoders without an encoder) understate log p(x); "
-                   "more AIS steps tighten it.")
+        out.append(f"AIS came out looser than importance sampling (paired, by more than {threshold:.2f} SE, the "
+                   f"two-sided 5% level over {len(paired)} decoders) for {', '.join(parts)}: AIS is too short for "
+                   "these decoders, so AIS-based numbers (the gap) understate log p(x); more AIS steps or chains "
+                   "tighten it.")
     out += [f"{line}." for line in unavailable_lines(records)]
     return out
+
+
+def disagreement_threshold(comparisons: int, level: float = 0.05) -> float:
+    """z beyond which two independent estimates of one decoder disagree, over ``comparisons`` decoders.
+
+    The two-sided ``level`` with Bonferroni's correction, Φ⁻¹(1 − level / (2m)): with m decoders
+    checked, a false warning anywhere in the table has probability at most ``level`` (a fixed 2 SE
+    would flag one decoder in two tables of 20 by chance alone).
+    """
+    from statistics import NormalDist
+    return NormalDist().inv_cdf(1 - level / (2 * max(comparisons, 1)))
 
 
 def unavailable_lines(records: Sequence[Mapping[str, Any]]) -> list[str]:

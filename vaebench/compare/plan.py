@@ -10,6 +10,9 @@ For every seed and every trained model (method × K × guide, :func:`models`):
 ``gaps``      (``vi``) approximation and amortisation gaps with a per-datapoint q*; needs ``run``'s values.
 ``variance``  (``vi``) spread of the K-sample bound and gradient SNR as K grows; needs ``train``.
 ``aggregate`` (encoder methods) E KL(q(z|x)‖p(z)) = I_q(x; z) + KL(q(z)‖p(z)); needs ``train``.
+              Not for IAF guides: the aggregate density scores every draw under every datapoint's
+              q, and an IAF scores a value it did not draw only by inverting its flows (D network
+              passes per pair), which costs more than the rest of a quick compare.
 
 A stage's key is ``<kind>/<label>/seed<s>`` (:attr:`Stage.key`); the label names the model in
 one way everywhere (:func:`vaebench.results.model_label`): ``vi``, ``iwae-k5``, ``hmc``, and
@@ -90,7 +93,7 @@ def plan(cfg: CompareConfig) -> list[Stage]:
             stages += [Stage("train", model, seed), Stage("run", model, seed)]
             if model.method == "vi":
                 stages += [Stage(kind, model, seed) for kind in VI_ONLY]
-            if model.has_encoder:
+            if model.has_encoder and model.guide != "iaf":
                 stages.append(Stage("aggregate", model, seed))
     return stages
 

@@ -317,6 +317,14 @@ class AISResult:
     seconds: float
     log_step_schedule: torch.Tensor | None = None
 
+    def subset(self, rows: slice) -> "AISResult":
+        """The same run restricted to the datapoints ``rows`` (every per-datapoint field sliced)."""
+        def cut(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value[..., rows]
+        return AISResult(self.log_marginal[rows], cut(self.stderr), self.ess[rows], self.log_weights[:, rows],
+                         self.acceptance_rate[rows], self.step_size[rows], self.divergences[rows],
+                         self.gradient_evaluations, self.seconds, cut(self.log_step_schedule))
+
     def summary(self) -> dict[str, float | int | None]:
         """Scalars for JSON records."""
         n = self.log_marginal.numel()
@@ -387,6 +395,8 @@ class BDMCResult:
 
     lower: AISResult
     upper: AISResult
+    alongside: AISResult | None = None
+    """Forward AIS, in the same run as ``lower``, of the ``alongside`` data passed to :func:`bdmc`."""
 
     @property
     def gap(self) -> torch.Tensor:
@@ -406,7 +416,7 @@ def simulate(model: Any, n: int, generator: torch.Generator | None = None) -> tu
 
 
 def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConfig, generator: torch.Generator,
-         batch_size: int = 100) -> BDMCResult:
+         batch_size: int = 100, alongside: torch.Tensor | None = None) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015): forward AIS on ``x``, reverse AIS from exact posterior draws.
 
     Parameters
@@ -420,6 +430,10 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
         or ``[M, n, D]``; for simulated data, the u that generated x (:func:`simulate`).
     config, generator, batch_size
         As for :func:`ais`.
+    alongside
+        Other data ``[m, P]`` (the real data certified AIS is for) annealed forward in the same
+        batched run as ``x``: its chains are independent of the simulated points', and it costs
+        little extra where a step's cost is mostly per call rather than per row.
 
     Returns
     -------
@@ -436,7 +450,10 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
     """
     target = as_target(model)
     start = time.perf_counter()
-    lower = ais(target, x, config, generator, batch_size)
+    n = x.shape[0]
+    forward = ais(target, x if alongside is None else torch.cat([x, alongside.to(x)]), config, generator,
+                  batch_size)
+    lower = forward if alongside is None else forward.subset(slice(0, n))
     betas = beta_schedule(config.steps, config.schedule, config.sigmoid_delta).flip(0)
     reverse_schedule = lower.log_step_schedule.flip(0)
     runs = []
@@ -447,4 +464,4 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
         runs.append(anneal(target.components(xb), z0, betas, config, generator,
                            log_step_schedule=reverse_schedule[:, i:i + batch_size]))
     upper = _combine(runs, -1.0, time.perf_counter() - start - lower.seconds)
-    return BDMCResult(lower, upper)
+    return BDMCResult(lower, upper, None if alongside is None else forward.subset(slice(n, None)))

@@ -42,7 +42,7 @@ import torch
 from vaebench.config import AISConfig, CertifyConfig
 from vaebench.errors import ConfigError
 from vaebench.estimators import mean_and_stderr
-from vaebench.inference.ais import AISResult, as_target, ais, bdmc
+from vaebench.inference.ais import AISResult, as_target, bdmc
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,12 @@ def step_ladder(start: int, max_steps: int) -> list[int]:
 
 def certify(model: Any, config: AISConfig, generator: torch.Generator,
             settings: CertifyConfig = CertifyConfig(), batch_size: int = 100) -> Certificate:
+    """Choose T by BDMC on ``settings.points`` datapoints simulated from ``model`` (see :func:`_certify`)."""
+    return _certify(model, config, generator, settings, batch_size)[0]
+
+
+def _certify(model: Any, config: AISConfig, generator: torch.Generator, settings: CertifyConfig,
+             batch_size: int, alongside: torch.Tensor | None = None) -> tuple[Certificate, AISResult | None]:
     """Choose T by BDMC on ``settings.points`` datapoints simulated from ``model``.
 
     Parameters
@@ -146,7 +152,8 @@ def certify(model: Any, config: AISConfig, generator: torch.Generator,
     bounds: list[tuple[float, float]] = []
     certified = False
     for steps in ladder:
-        result = bdmc(target, x_sim, u_sim, dataclasses.replace(config, steps=steps), generator, batch_size)
+        result = bdmc(target, x_sim, u_sim, dataclasses.replace(config, steps=steps), generator, batch_size,
+                      alongside)
         gap, stderr = mean_and_stderr(result.gap)
         history.append((steps, gap, stderr))
         bounds.append((float(result.lower.log_marginal.double().mean()), float(result.upper.log_marginal.double().mean())))
@@ -154,14 +161,20 @@ def certify(model: Any, config: AISConfig, generator: torch.Generator,
             certified = True
             break
     steps, gap, stderr = history[-1]
-    return Certificate(steps, gap, stderr, float(settings.tolerance), certified, time.perf_counter() - start,
-                       settings.points, tuple(history), tuple(bounds))
+    certificate = Certificate(steps, gap, stderr, float(settings.tolerance), certified, time.perf_counter() - start,
+                              settings.points, tuple(history), tuple(bounds))
+    return certificate, result.alongside
 
 
 def certified_ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generator,
                   settings: CertifyConfig = CertifyConfig(), batch_size: int = 100
                   ) -> tuple[AISResult, Certificate]:
-    """:func:`certify`, then forward AIS on ``x`` at the certified T (at ``max_steps`` if uncertified)."""
-    certificate = certify(model, config, generator, settings, batch_size)
-    result = ais(model, x, dataclasses.replace(config, steps=certificate.steps), generator, batch_size)
+    """:func:`certify`, with forward AIS on ``x`` at the certified T (at ``max_steps`` if uncertified).
+
+    ``x`` is annealed in the same batched forward runs as the simulated points (``bdmc(...,
+    alongside=x)``), so the real-data AIS at the chosen T costs no run of its own. Its chains are
+    independent of the simulated points' chains, on which alone the choice of T depends, so the
+    estimate at the chosen T is an ordinary AIS estimate at that T.
+    """
+    certificate, result = _certify(model, config, generator, settings, batch_size, alongside=x)
     return result, certificate
