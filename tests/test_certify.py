@@ -5,6 +5,7 @@ Monte Carlo noise of each datapoint's estimate), never a hand-tuned constant.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -178,7 +179,8 @@ def test_certified_ais_lands_on_the_exact_answer_where_short_ais_does_not():
     assert abs(error) < 3 * stderr, (error, stderr, certificate)
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VAEBENCH_EXPENSIVE_TESTS") != "1",
+                    reason="tens of CPU minutes; run with VAEBENCH_EXPENSIVE_TESTS=1 (or on a GPU)")
 def test_certified_ais_on_the_sharp_d12_model_beats_t500():
     """The issue's claim: conftest's D = 12, P = 50 model, T_0 = 500, L = 10, M = 16 (CPU: tens of minutes).
 
