@@ -173,3 +173,29 @@ def test_a_changed_model_file_is_refused(capsys, tmp_path):
     path.write_text(EXAMPLE.read_text() + "\n# edited\n")
     status, _, err = run_cli(capsys, "evaluate", str(out), "--estimator", "elbo", "--model", spec)
     assert status == 2 and "has changed since" in err and err.count("\n") == 1, err
+
+
+def test_compare_runs_a_user_model_with_both_guides(capsys, tmp_path):
+    """README's `compare --model examples/...` on the tiny preset: every row is the user model's."""
+    from vaebench.results import read_records
+
+    out = tmp_path / "results"
+    status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--dataset", "linear-gaussian", "--quiet",
+                             "--workers", "1", "--seeds", "0", "--methods", "vi", "--guides", "gaussian,iaf",
+                             "--model", f"{EXAMPLE}:make_model", "--out", str(out))
+    assert status == 0, err
+    runs = [r for r in read_records(out) if r["kind"] == "run"]
+    assert sorted(r["guide"] for r in runs) == ["gaussian", "iaf"]
+    assert all(r["config"]["model"]["model"] == f"{EXAMPLE}:make_model" for r in runs)
+    gaps = [r for r in read_records(out) if r["kind"] == "gaps"]
+    assert sorted(r["diagnostics"]["local_vi"]["family"] for r in gaps) == ["gaussian", "iaf"]
+
+
+def test_compare_refuses_a_bad_model_before_writing_anything(capsys, tmp_path):
+    body, message = BAD_MODELS["discrete latent"]
+    path = _write(tmp_path, body)
+    out = tmp_path / "results"
+    status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--quiet", "--workers", "1",
+                             "--model", f"{path}:make", "--out", str(out))
+    assert status == 2 and err.count("\n") == 1 and "continuous latents" in err, err
+    assert not out.exists()

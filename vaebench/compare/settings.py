@@ -215,7 +215,7 @@ def union(a: CompareConfig, b: CompareConfig) -> CompareConfig:
 PRESETS: dict[str, CompareConfig] = {
     "quick": CompareConfig(
         preset="quick", dataset="digits", seeds=(0, 1, 2), latent_dim=10, hidden=(100, 100), epochs=20,
-        batch_size=100, lr=3e-3, guides=("gaussian", "iaf"), ais={"steps": 500, "leapfrog": 2, "chains": 4},
+        batch_size=100, lr=3e-3, guides=("gaussian", "iaf"), ais={"steps": 500, "leapfrog": 2, "chains": 8},
         certify={"points": 50, "max_steps": 8000, "tolerance": 0.1}, threads=1),
     "paper": CompareConfig(
         # Burda, Grosse & Salakhutdinov (2016), §5: 784-200-200-50 tanh, one stochastic layer, batch 20,
