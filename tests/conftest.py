@@ -65,3 +65,13 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         status = exc.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+@pytest.fixture(scope="module")
+def linear_gaussian_run(tmp_path_factory):
+    """A float64 linear-Gaussian run directory trained for one epoch (shared by the CLI tests of AIS)."""
+    from vaebench import cli
+    out = tmp_path_factory.mktemp("runs") / "lg"
+    assert cli.main(["train", "--method", "vi", "--dataset", "linear-gaussian", "--epochs", "1", "--hidden", "8",
+                     "--quiet", "--dtype", "float64", "--out", str(out)]) == 0
+    return out

@@ -7,7 +7,7 @@ import pyro
 import pytest
 import torch
 
-from vaebench import cli, targets
+from vaebench import targets
 from vaebench.config import AISConfig
 from vaebench.estimators import mean_and_stderr
 from vaebench.inference import ais
@@ -136,12 +136,6 @@ def test_chunking_over_datapoints_keeps_estimates_valid():
 run = run_cli
 
 
-@pytest.fixture(scope="module")
-def linear_gaussian_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "lg"
-    assert cli.main(["train", "--method", "vi", "--dataset", "linear-gaussian", "--epochs", "1", "--hidden", "8",
-                     "--quiet", "--dtype", "float64", "--out", str(out)]) == 0
-    return out
 
 
 FAST = ["--steps", "30", "--leapfrog", "2", "--chains", "3", "--batch-size", "500"]

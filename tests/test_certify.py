@@ -219,15 +219,8 @@ def test_a_gap_that_cannot_close_within_max_steps_is_uncertified():
 
 # --------------------------------------------------------------------------- CLI
 from conftest import run_cli  # noqa: E402
-from vaebench import cli  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def linear_gaussian_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "lg"
-    assert cli.main(["train", "--method", "vi", "--dataset", "linear-gaussian", "--epochs", "1", "--hidden", "8",
-                     "--quiet", "--dtype", "float64", "--out", str(out)]) == 0
-    return out
 
 
 SMALL = ["--estimator", "ais", "--leapfrog", "2", "--chains", "3", "--batch-size", "500", "--certify-points", "10"]

@@ -34,13 +34,20 @@ def device_description(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The commit of the vaebench source tree, with ``+dirty`` for uncommitted changes, or ``unknown``."""
+    """The commit of the vaebench source tree, with ``+dirty`` for uncommitted changes, or ``unknown``.
+
+    Dirty means the code that computes the numbers differs from the commit: the package itself
+    and ``pyproject.toml``. Results, tests and documentation are not code of a run (regenerating the
+    committed ``results/`` deletes tracked files, which must not mark its own records dirty); a
+    user model's file is identified by its own SHA-256 in the run's config.
+    """
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "vaebench",
+                                "pyproject.toml"], cwd=root, capture_output=True, text=True, timeout=5,
+                               check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "") if commit else "unknown"
