@@ -234,6 +234,30 @@ def test_progress_callback_counts_every_sample_and_changes_nothing(linear_gaussi
     assert sum(done) == 50 * x.shape[0] and len(done) == 10          # 1000 rows of 200 datapoints: 5 samples a chunk
 
 
+def test_ais_and_bdmc_progress_counts_every_annealing_step_and_changes_nothing(linear_gaussian):
+    from vaebench.config import AISConfig
+    from vaebench.inference import ais
+
+    model, x = linear_gaussian
+    x = x[:30]
+    config = AISConfig(steps=12, leapfrog=2, chains=2)
+    plain = ais.ais(model, x, config, torch.Generator().manual_seed(0), batch_size=20)
+    done = []
+    counted = ais.ais(model, x, config, torch.Generator().manual_seed(0), batch_size=20, progress=done.append)
+    assert torch.equal(plain.log_marginal, counted.log_marginal)
+    assert sum(done) == 12 * 30                                      # every step of every chunk's datapoints
+    x_sim, u_sim = model.simulate(10, torch.Generator().manual_seed(1))
+    done.clear()
+    ais.bdmc(model, x_sim, u_sim, config, torch.Generator().manual_seed(2), progress=done.append)
+    assert sum(done) == 2 * 12 * 10                                  # forward and reverse
+
+
+def test_evaluate_ais_shows_a_progress_bar_when_asked(run_dir, capsys):
+    code, out, err = run_cli(capsys, "evaluate", str(run_dir), "--estimator", "ais", "--steps", "5", "--chains", "2",
+                             "--no-certify", "--json", "--progress")
+    assert code == 0 and "ais" in err and "step" in err, err
+
+
 # ------------------------------------------------------------------------------------ 7. signals
 def test_sigterm_in_process_cleans_up_like_ctrl_c(tmp_path, capsys, monkeypatch):
     import vaebench.training

@@ -115,9 +115,9 @@ def _ais(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tenso
     target = as_target(model)
     extra: dict[str, Any] = {}
     if s.certify is None:
-        result = ais(target, x, config, generator, s.batch_size)
+        result = ais(target, x, config, generator, s.batch_size, s.progress)
     else:
-        result, certificate = certified_ais(target, x, config, generator, s.certify, s.batch_size)
+        result, certificate = certified_ais(target, x, config, generator, s.certify, s.batch_size, s.progress)
         config = dataclasses.replace(config, steps=certificate.steps)
         extra["certificate"] = certificate.to_dict()
     return result.log_marginal, {"k": None, **config.to_dict(), **result.summary(), **extra}
@@ -130,7 +130,7 @@ def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tens
     config, generator = _ais_setup("bdmc", x, s)
     target = as_target(model)
     x_sim, z_sim = target.simulate(x.shape[0], generator)
-    result = bdmc(target, x_sim, z_sim, config, generator, s.batch_size)
+    result = bdmc(target, x_sim, z_sim, config, generator, s.batch_size, progress=s.progress)
     lower, lower_se = mean_and_stderr(result.lower.log_marginal)
     upper, upper_se = mean_and_stderr(result.upper.log_marginal)
     gap, gap_se = mean_and_stderr(result.gap)
@@ -148,12 +148,22 @@ SIMULATED_ESTIMATORS = ("bdmc",)
 """Estimators that score data simulated from the model, not the data they are given."""
 
 
-PROGRESS_UNITS: dict[str, Callable[[torch.Tensor, EstimatorSettings], int]] = {
+def _annealing_steps(x: torch.Tensor, s: EstimatorSettings, runs: int) -> int | None:
+    """Datapoint × annealing steps of ``runs`` AIS runs; ``None`` (unknown) when certification picks T."""
+    if s.certify is not None:
+        return None
+    return runs * x.shape[0] * (s.ais or AISConfig()).steps
+
+
+PROGRESS_UNITS: dict[str, Callable[[torch.Tensor, EstimatorSettings], int | None]] = {
     "elbo": lambda x, s: x.shape[0] * (s.k or DEFAULT_K["elbo"]),
     "iwae": lambda x, s: x.shape[0] * (s.k or DEFAULT_K["iwae"]),
+    "ais": lambda x, s: _annealing_steps(x, s, 1),
+    "bdmc": lambda x, s: _annealing_steps(x, s, 2),
 }
-"""Estimator name → total of the units its ``progress`` callback counts; estimators not listed
-report no progress (AIS and BDMC: see ``vaebench.inference.ais``)."""
+"""Estimator name → total of the units its ``progress`` callback counts (``None``: not known in
+advance; the bar then counts without a total): (sample, datapoint) pairs for IS and the ELBO,
+(datapoint, annealing step) pairs for AIS and BDMC."""
 
 
 def _progress_bar(estimator: str, x: torch.Tensor, settings: EstimatorSettings, progress: bool | None):
@@ -162,7 +172,8 @@ def _progress_bar(estimator: str, x: torch.Tensor, settings: EstimatorSettings, 
     if not show or estimator not in PROGRESS_UNITS or settings.progress is not None:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=PROGRESS_UNITS[estimator](x, settings), desc=estimator, unit="sample", unit_scale=True,
+    unit = "step" if estimator in AIS_ESTIMATORS else "sample"
+    return tqdm(total=PROGRESS_UNITS[estimator](x, settings), desc=estimator, unit=unit, unit_scale=True,
                 leave=False, dynamic_ncols=True, file=sys.stderr)
 
 

@@ -180,7 +180,8 @@ class AnnealingRun:
 
 
 def anneal(components: Components, initial_position: torch.Tensor, betas: torch.Tensor, config: AISConfig,
-           generator: torch.Generator, log_step_schedule: torch.Tensor | None = None) -> AnnealingRun:
+           generator: torch.Generator, log_step_schedule: torch.Tensor | None = None,
+           progress: Callable[[int], Any] | None = None) -> AnnealingRun:
     """Run AIS along ``betas`` from exact draws of f_{β_0}; the core of :func:`ais` and :func:`bdmc`.
 
     Parameters
@@ -244,7 +245,10 @@ def anneal(components: Components, initial_position: torch.Tensor, betas: torch.
         calls += spent
         log_step = step_size[num_chains:].log().mean(0)
     used = []
+    datapoints = initial_position.shape[-2]
     for t in range(1, len(betas)):
+        if progress is not None:
+            progress(datapoints)                   # one annealing step of this chunk's datapoints
         log_weights = log_weights + (betas[t] - betas[t - 1]) * state.aux[1]
         if t == len(betas) - 1:
             break
@@ -355,8 +359,8 @@ def model_components(model: Any, x: torch.Tensor) -> Components:
     return as_target(model).components(x)
 
 
-def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generator, batch_size: int = 100
-        ) -> AISResult:
+def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generator, batch_size: int = 100,
+        progress: Callable[[int], Any] | None = None) -> AISResult:
     """AIS estimate of log p_θ(x_i) for every row of ``x``, in chunks of ``batch_size`` datapoints.
 
     Parameters
@@ -372,6 +376,9 @@ def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generat
     batch_size
         Datapoints per chunk. Memory is O(batch_size × chains × model width); chunks are
         independent and their results concatenated.
+    progress
+        Called with the number of datapoints of a chunk after each of its annealing steps (for a
+        progress bar; it changes no result).
 
     Returns
     -------
@@ -385,7 +392,7 @@ def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generat
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size]
         u0 = target.sample_prior(xb, config.chains + config.tuning_chains, generator)
-        runs.append(anneal(target.components(xb), u0, betas, config, generator))
+        runs.append(anneal(target.components(xb), u0, betas, config, generator, progress=progress))
     return _combine(runs, 1.0, time.perf_counter() - start)
 
 
@@ -416,7 +423,8 @@ def simulate(model: Any, n: int, generator: torch.Generator | None = None) -> tu
 
 
 def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConfig, generator: torch.Generator,
-         batch_size: int = 100, alongside: torch.Tensor | None = None) -> BDMCResult:
+         batch_size: int = 100, alongside: torch.Tensor | None = None,
+         progress: Callable[[int], Any] | None = None) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015): forward AIS on ``x``, reverse AIS from exact posterior draws.
 
     Parameters
@@ -430,6 +438,8 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
         or ``[M, n, D]``; for simulated data, the u that generated x (:func:`simulate`).
     config, generator, batch_size
         As for :func:`ais`.
+    progress
+        As for :func:`ais` (both directions report).
     alongside
         Other data ``[m, P]`` (the real data certified AIS is for) annealed forward in the same
         batched run as ``x``: its chains are independent of the simulated points', and it costs
@@ -452,7 +462,7 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
     start = time.perf_counter()
     n = x.shape[0]
     forward = ais(target, x if alongside is None else torch.cat([x, alongside.to(x)]), config, generator,
-                  batch_size)
+                  batch_size, progress)
     lower = forward if alongside is None else forward.subset(slice(0, n))
     betas = beta_schedule(config.steps, config.schedule, config.sigmoid_delta).flip(0)
     reverse_schedule = lower.log_step_schedule.flip(0)
@@ -462,6 +472,6 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
         zb = z_posterior[..., i:i + batch_size, :]
         z0 = zb.expand(config.chains, *zb.shape[-2:]).clone()
         runs.append(anneal(target.components(xb), z0, betas, config, generator,
-                           log_step_schedule=reverse_schedule[:, i:i + batch_size]))
+                           log_step_schedule=reverse_schedule[:, i:i + batch_size], progress=progress))
     upper = _combine(runs, -1.0, time.perf_counter() - start - lower.seconds)
     return BDMCResult(lower, upper, None if alongside is None else forward.subset(slice(n, None)))

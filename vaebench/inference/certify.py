@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -110,13 +110,15 @@ def step_ladder(start: int, max_steps: int) -> list[int]:
 
 
 def certify(model: Any, config: AISConfig, generator: torch.Generator,
-            settings: CertifyConfig = CertifyConfig(), batch_size: int = 100) -> Certificate:
+            settings: CertifyConfig = CertifyConfig(), batch_size: int = 100,
+            progress: Callable[[int], Any] | None = None) -> Certificate:
     """Choose T by BDMC on ``settings.points`` datapoints simulated from ``model`` (see :func:`_certify`)."""
-    return _certify(model, config, generator, settings, batch_size)[0]
+    return _certify(model, config, generator, settings, batch_size, progress=progress)[0]
 
 
 def _certify(model: Any, config: AISConfig, generator: torch.Generator, settings: CertifyConfig,
-             batch_size: int, alongside: torch.Tensor | None = None) -> tuple[Certificate, AISResult | None]:
+             batch_size: int, alongside: torch.Tensor | None = None, progress: Callable[[int], Any] | None = None
+             ) -> tuple[Certificate, AISResult | None]:
     """Choose T by BDMC on ``settings.points`` datapoints simulated from ``model``.
 
     Parameters
@@ -153,7 +155,7 @@ def _certify(model: Any, config: AISConfig, generator: torch.Generator, settings
     certified = False
     for steps in ladder:
         result = bdmc(target, x_sim, u_sim, dataclasses.replace(config, steps=steps), generator, batch_size,
-                      alongside)
+                      alongside, progress)
         gap, stderr = mean_and_stderr(result.gap)
         history.append((steps, gap, stderr))
         bounds.append((float(result.lower.log_marginal.double().mean()), float(result.upper.log_marginal.double().mean())))
@@ -167,8 +169,8 @@ def _certify(model: Any, config: AISConfig, generator: torch.Generator, settings
 
 
 def certified_ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generator,
-                  settings: CertifyConfig = CertifyConfig(), batch_size: int = 100
-                  ) -> tuple[AISResult, Certificate]:
+                  settings: CertifyConfig = CertifyConfig(), batch_size: int = 100,
+                  progress: Callable[[int], Any] | None = None) -> tuple[AISResult, Certificate]:
     """:func:`certify`, with forward AIS on ``x`` at the certified T (at ``max_steps`` if uncertified).
 
     ``x`` is annealed in the same batched forward runs as the simulated points (``bdmc(...,
@@ -176,5 +178,5 @@ def certified_ais(model: Any, x: torch.Tensor, config: AISConfig, generator: tor
     independent of the simulated points' chains, on which alone the choice of T depends, so the
     estimate at the chosen T is an ordinary AIS estimate at that T.
     """
-    certificate, result = _certify(model, config, generator, settings, batch_size, alongside=x)
+    certificate, result = _certify(model, config, generator, settings, batch_size, alongside=x, progress=progress)
     return result, certificate
