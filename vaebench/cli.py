@@ -427,6 +427,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     options = {"scheduler": args.scheduler, "scheduler_file": args.scheduler_file,
                "slurm_partition": args.slurm_partition, "slurm_time": args.slurm_time,
                "slurm_gpus_per_job": args.slurm_gpus_per_job, "slurm_cluster": args.slurm_cluster}
+    needs = {"dask": ("distributed", "dask"), "slurm": ("submitit", "slurm")}.get(args.executor)
+    if needs is not None:
+        import importlib.util
+        if importlib.util.find_spec(needs[0]) is None:
+            raise VaebenchError(f"--executor {args.executor} needs the {needs[0]} package: "
+                                f"pip install -e \".[{needs[1]}]\"")
     if args.executor == "slurm":
         from vaebench.compare.runner import parse_slurm_time
         parse_slurm_time(args.slurm_time)                 # a bad value is refused before anything is written

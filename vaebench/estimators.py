@@ -3,9 +3,9 @@
 Every estimator returns one value per datapoint, in nats. They take
 
 * ``log_joint(x, z) -> [..., n]`` -- the unnormalised posterior log p_θ(x, z) (from the Pyro
-  model, :meth:`vaebench.model.VAE.log_joint`), and
+  model, :meth:`vaebench.model.LatentModel.log_joint`), and
 * ``proposal(x, k) -> (z [k, n, D], log_q [k, n])`` -- draws from an importance distribution
-  and their log-density (the encoder, :meth:`vaebench.model.VAE.encoder_proposal`, or the exact
+  and their log-density (the encoder, :meth:`vaebench.model.LatentModel.encoder_proposal`, or the exact
   posterior of a linear-Gaussian model).
 
 With log-weights log w_k = log p_θ(x, z_k) − log q(z_k|x), z_k ~ q,

@@ -23,7 +23,7 @@ from vaebench.data import check_binary, evaluation_data, load_dataset
 from vaebench.errors import ConfigError, DataError
 from vaebench.estimators import DEFAULT_MAX_ROWS, Progress, elbo, importance_sampling, mean_and_stderr, over_batches
 from vaebench.metrics import active_units
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 from vaebench.provenance import provenance, resolve_device
 from vaebench.rundir import load_run
 
@@ -63,17 +63,17 @@ class EstimatorSettings:
     certify: CertifyConfig | None = None
 
 
-Estimator = Callable[[VAE, torch.Tensor, EstimatorSettings], tuple[torch.Tensor, dict[str, Any]]]
+Estimator = Callable[[LatentModel, torch.Tensor, EstimatorSettings], tuple[torch.Tensor, dict[str, Any]]]
 
 
-def _elbo(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+def _elbo(model: LatentModel, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     k = s.k or DEFAULT_K["elbo"]
     values = over_batches(lambda xb: elbo(model.log_joint, model.encoder_proposal, xb, k, s.max_rows,
                                           s.progress), x, s.batch_size)
     return values, {"k": k}
 
 
-def _iwae(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+def _iwae(model: LatentModel, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     k = s.k or DEFAULT_K["iwae"]
     result = over_batches(lambda xb: importance_sampling(model.log_joint, model.encoder_proposal, xb, k,
                                                          s.max_rows, s.progress), x, s.batch_size)
@@ -82,7 +82,7 @@ def _iwae(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tens
                                  "elbo_k": float(result.elbo.double().mean())}
 
 
-def _exact(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+def _exact(model: LatentModel, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     if s.k is not None:
         raise ConfigError("--k does not apply to the exact estimator")
     return targets.exact_log_marginal(model, x), {"k": None}
@@ -106,7 +106,7 @@ def _ais_setup(name: str, x: torch.Tensor, s: EstimatorSettings) -> tuple[AISCon
     return s.ais or AISConfig(), torch.Generator(device=x.device).manual_seed(seed)
 
 
-def _ais(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+def _ais(model: LatentModel, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     """Forward AIS on ``x``; with ``s.certify``, at the T that BDMC certifies (``certificate`` in the record)."""
     from vaebench.inference.ais import ais, as_target
     from vaebench.inference.certify import certified_ais
@@ -123,7 +123,7 @@ def _ais(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tenso
     return result.log_marginal, {"k": None, **config.to_dict(), **result.summary(), **extra}
 
 
-def _bdmc(model: VAE, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+def _bdmc(model: LatentModel, x: torch.Tensor, s: EstimatorSettings) -> tuple[torch.Tensor, dict[str, Any]]:
     """BDMC on ``len(x)`` datapoints simulated from the model (``x`` only fixes how many)."""
     from vaebench.inference.ais import as_target, bdmc
 
@@ -177,7 +177,7 @@ def _progress_bar(estimator: str, x: torch.Tensor, settings: EstimatorSettings, 
                 leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def evaluate(model: VAE, x: torch.Tensor, estimator: str, settings: EstimatorSettings = EstimatorSettings(),
+def evaluate(model: LatentModel, x: torch.Tensor, estimator: str, settings: EstimatorSettings = EstimatorSettings(),
              seed: int = 0, progress: bool | None = False) -> dict[str, Any]:
     """Score ``model`` on data ``x`` with ``estimator``.
 

@@ -7,20 +7,20 @@ from dataclasses import dataclass
 import torch
 
 from vaebench.estimators import importance_sampling, log_mean_exp, mean_and_stderr
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 """Burda et al. (2016, §5.2) call unit u active when Cov_x(E_{q(u|x)}[u]) > 10⁻²."""
 
 
 @torch.no_grad()
-def encoder_mean_variance(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def encoder_mean_variance(model: LatentModel, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Variance over datapoints of the encoder mean, per latent dimension ``[D]``."""
     means = torch.cat([model.encode(x[i:i + batch_size])[0] for i in range(0, x.shape[0], batch_size)])
     return means.double().var(dim=0, unbiased=True)
 
 
-def active_units(model: VAE, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+def active_units(model: LatentModel, x: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Number of latent dimensions whose encoder-mean variance over ``x`` exceeds ``threshold``."""
     return int((encoder_mean_variance(model, x) > threshold).sum())
 
@@ -50,7 +50,7 @@ class AggregatePosterior:
 
 
 @torch.no_grad()
-def aggregate_posterior(model: VAE, x: torch.Tensor, samples: int = 1, chunk_rows: int = 2_000_000
+def aggregate_posterior(model: LatentModel, x: torch.Tensor, samples: int = 1, chunk_rows: int = 2_000_000
                         ) -> AggregatePosterior:
     """ELBO surgery (Hoffman & Johnson 2016): E_n KL(q(z|x_n)‖p) = I_q(x; z) + KL(q(z)‖p(z)).
 
@@ -75,7 +75,7 @@ def aggregate_posterior(model: VAE, x: torch.Tensor, samples: int = 1, chunk_row
     over n points, I_q ≤ log n: the figure describes this data set of n points (Hoffman & Johnson
     report it on the training set, where log n is larger). Cost O(samples · n² · D), evaluated in
     chunks of at most ``chunk_rows`` (draw × datapoint) pairs; densities are traced from the
-    model's prior and guide (:meth:`VAE.log_prior`, :meth:`VAE.log_q`).
+    model's prior and guide (:meth:`LatentModel.log_prior`, :meth:`LatentModel.log_q`).
     """
     n = x.shape[0]
     z, log_q_own = model.encoder_proposal(x, samples)                 # [S, n, D], [S, n]
@@ -93,7 +93,7 @@ def aggregate_posterior(model: VAE, x: torch.Tensor, samples: int = 1, chunk_row
 
 # ------------------------------------------------------------------ variance of bounds and gradients
 @torch.no_grad()
-def bound_spread(model: VAE, x: torch.Tensor, k: int, replicates: int) -> tuple[float, float]:
+def bound_spread(model: LatentModel, x: torch.Tensor, k: int, replicates: int) -> tuple[float, float]:
     """Monte Carlo standard deviation of the K-sample bound, averaged over datapoints.
 
     For each datapoint, ``replicates`` independent IWAE_K estimates log (1/K) Σ_k w_k are drawn
@@ -122,7 +122,7 @@ class GradientSNR:
     replicates: int
 
 
-def gradient_snr(model: VAE, x: torch.Tensor, k: int, replicates: int, dreg: bool = False) -> GradientSNR:
+def gradient_snr(model: LatentModel, x: torch.Tensor, k: int, replicates: int, dreg: bool = False) -> GradientSNR:
     """Gradient SNR of the IWAE_K objective (K = 1: the ELBO) on a fixed batch ``x``.
 
     Each replicate calls the training objective's ``accumulate_gradients`` (Pyro's

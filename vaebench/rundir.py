@@ -6,7 +6,7 @@ A run directory holds
     ``{"model": ModelConfig, "train": TrainConfig, "dataset": metadata, "provenance": ...,
     "summary": ...}`` -- everything needed to rebuild and rerun the model.
 ``model.pt``
-    The :class:`~vaebench.model.VAE` ``state_dict`` (loaded with ``weights_only=True``).
+    The :class:`~vaebench.model.LatentModel` ``state_dict`` (loaded with ``weights_only=True``).
 ``log.jsonl``
     One JSON object per epoch.
 
@@ -31,7 +31,7 @@ import torch
 
 from vaebench.config import ModelConfig, TrainConfig
 from vaebench.errors import ConfigError, RunDirError
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 from vaebench.models.loading import check_same_model
 
 CONFIG_FILE, WEIGHTS_FILE, LOG_FILE = "config.json", "model.pt", "log.jsonl"
@@ -218,7 +218,7 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
         raise RunDirError(f"cannot move the finished results into {out}: {_os_reason(exc)}") from None
 
 
-def write_run(directory: Path, model: VAE, train_config: TrainConfig, dataset_metadata: dict[str, Any],
+def write_run(directory: Path, model: LatentModel, train_config: TrainConfig, dataset_metadata: dict[str, Any],
               provenance: dict[str, Any], history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Write the three files of a run directory into ``directory``."""
     config = {"model": model.config.to_dict(), "train": train_config.to_dict(),
@@ -263,7 +263,7 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None, model_spec: str | None = None
-             ) -> tuple[VAE, TrainConfig, dict[str, Any]]:
+             ) -> tuple[LatentModel, TrainConfig, dict[str, Any]]:
     """Rebuild the model of a run directory with its trained weights.
 
     A run of a user model (``--model file.py:factory``) is rebuilt only when ``model_spec`` names
@@ -291,7 +291,7 @@ def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
         raise RunDirError(_checkpoint_problem(weights, exc)) from None
-    model = VAE(model_config)
+    model = LatentModel(model_config)
     if isinstance(state, dict) and any(k.startswith("decoder.") for k in state) \
             and not any(k.startswith("generative.") for k in state):      # written before the model contract
         state = {("generative." + k if k.startswith("decoder.") else k): v for k, v in state.items()}

@@ -26,7 +26,7 @@ import pyro.distributions as dist
 import torch
 
 from vaebench.errors import ConfigError
-from vaebench.model import VAE, Proposal
+from vaebench.model import LatentModel, Proposal
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ class GaussianPosterior:
         return dist.MultivariateNormal(self.mean, covariance_matrix=self.covariance)
 
 
-def linear_gaussian_parameters(model: VAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W ``[P, D]``, b ``[P]``, σ² ``[P]``) of a linear-Gaussian :class:`VAE`."""
+def linear_gaussian_parameters(model: LatentModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W ``[P, D]``, b ``[P]``, σ² ``[P]``) of a linear-Gaussian :class:`~vaebench.model.LatentModel`."""
     if not model.config.is_linear_gaussian:
         raise ConfigError("the exact estimator needs a linear decoder with a Gaussian likelihood "
                           f"(this model: --model {model.config.model}, likelihood={model.config.likelihood})")
@@ -49,19 +49,19 @@ def linear_gaussian_parameters(model: VAE) -> tuple[torch.Tensor, torch.Tensor, 
     return linear.weight, linear.bias, model.decoder.scale() ** 2
 
 
-def marginal(model: VAE) -> dist.MultivariateNormal:
+def marginal(model: LatentModel) -> dist.MultivariateNormal:
     """p_θ(x) = N(b, W Wᵀ + Ψ)."""
     weight, bias, noise_var = linear_gaussian_parameters(model)
     covariance = weight @ weight.T + torch.diag(noise_var)
     return dist.MultivariateNormal(bias, covariance_matrix=covariance)
 
 
-def exact_log_marginal(model: VAE, x: torch.Tensor) -> torch.Tensor:
+def exact_log_marginal(model: LatentModel, x: torch.Tensor) -> torch.Tensor:
     """Exact log p_θ(x) per datapoint, ``[n]``."""
     return marginal(model).log_prob(x)
 
 
-def exact_posterior(model: VAE, x: torch.Tensor) -> GaussianPosterior:
+def exact_posterior(model: LatentModel, x: torch.Tensor) -> GaussianPosterior:
     """Exact p_θ(z|x) for every row of ``x``."""
     weight, bias, noise_var = linear_gaussian_parameters(model)
     scaled = weight / noise_var.unsqueeze(-1)                       # Ψ^{-1} W
@@ -73,7 +73,7 @@ def exact_posterior(model: VAE, x: torch.Tensor) -> GaussianPosterior:
     return GaussianPosterior(mean, covariance)
 
 
-def exact_posterior_proposal(model: VAE) -> Proposal:
+def exact_posterior_proposal(model: LatentModel) -> Proposal:
     """The exact posterior as an importance proposal: with it every weight equals p_θ(x)."""
     def proposal(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = exact_posterior(model, x).distribution()

@@ -25,7 +25,7 @@ from vaebench.estimators import elbo, mean_and_stderr
 from vaebench.inference.base import Objective
 from vaebench.inference.iwae import DReGObjective, iwae_objective
 from vaebench.inference.vi import elbo_objective
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 from vaebench.provenance import resolve_device, resolve_dtype
 
 
@@ -33,16 +33,16 @@ from vaebench.provenance import resolve_device, resolve_dtype
 class TrainResult:
     """What :func:`train` returns: the trained model, per-epoch history and cost."""
 
-    model: VAE
+    model: LatentModel
     history: list[dict[str, Any]]
     seconds: float
     gradient_evaluations: int
 
 
-def initial_model(model_config: ModelConfig, seed: int) -> VAE:
-    """A freshly initialised :class:`VAE` whose initial weights are fixed by ``seed``."""
+def initial_model(model_config: ModelConfig, seed: int) -> LatentModel:
+    """A freshly initialised :class:`~vaebench.model.LatentModel` whose initial weights are fixed by ``seed``."""
     pyro.set_rng_seed(seed)
-    return VAE(model_config)
+    return LatentModel(model_config)
 
 
 def make_objective(config: TrainConfig) -> Objective:
@@ -75,7 +75,7 @@ def training_data(dataset: Dataset, likelihood: str, generator: torch.Generator)
     return dataset.train
 
 
-def train_step(model: VAE, objective: Objective, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def train_step(model: LatentModel, objective: Objective, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                indices: torch.Tensor) -> float:
     """One optimiser step on the batch's mean negative bound; returns the batch's summed bound (nats).
 
@@ -94,13 +94,13 @@ def train_step(model: VAE, objective: Objective, optimizer: torch.optim.Optimize
     return bound
 
 
-def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = True) -> TrainResult:
+def train(model: LatentModel, dataset: Dataset, config: TrainConfig, progress: bool = True) -> TrainResult:
     """Fit ``model`` to ``dataset.train`` with the method of ``config``.
 
     Parameters
     ----------
     model
-        A freshly built :class:`VAE` (it is moved to the configured device and dtype).
+        A freshly built :class:`~vaebench.model.LatentModel` (it is moved to the configured device and dtype).
     dataset
         Training and test data; the test ELBO (K = 1, fixed binarisation) is logged per epoch.
     config
@@ -160,6 +160,6 @@ def train(model: VAE, dataset: Dataset, config: TrainConfig, progress: bool = Tr
 
 
 @torch.no_grad()
-def test_elbo(model: VAE, x: torch.Tensor) -> tuple[float, float]:
+def test_elbo(model: LatentModel, x: torch.Tensor) -> tuple[float, float]:
     """Single-sample ELBO on ``x``: mean and standard error over datapoints."""
     return mean_and_stderr(elbo(model.log_joint, model.encoder_proposal, x, k=1))

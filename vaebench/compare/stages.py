@@ -39,7 +39,7 @@ from vaebench.data import Dataset, evaluation_data, load_dataset, subset_dataset
 from vaebench.estimators import elbo, importance_sampling, mean_and_stderr, over_batches
 from vaebench.inference.local_vi import fit_local_gaussians, fit_local_iaf, frozen
 from vaebench.metrics import active_units, aggregate_posterior, bound_spread, gradient_snr
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 from vaebench.provenance import provenance, resolve_device, resolve_dtype
 from vaebench.results import make_record
 from vaebench.rundir import load_run, staged_directory, write_run
@@ -114,15 +114,15 @@ def model_configs(ctx: Context, model: Model, seed: int) -> tuple[ModelConfig, T
     return model_config, train_config
 
 
-def build_model(ctx: Context, model: Model, seed: int) -> tuple[VAE, TrainConfig]:
+def build_model(ctx: Context, model: Model, seed: int) -> tuple[LatentModel, TrainConfig]:
     """A freshly initialised model (its initial weights drawn from ``seed``) and its training configuration."""
     model_config, train_config = model_configs(ctx, model, seed)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)                      # the initial weights are part of the run
-    return VAE(model_config), train_config
+    return LatentModel(model_config), train_config
 
 
-def load_model(ctx: Context, stage: Stage) -> tuple[VAE, dict[str, Any]]:
+def load_model(ctx: Context, stage: Stage) -> tuple[LatentModel, dict[str, Any]]:
     """The trained model of ``stage``'s model and seed from its run directory, and its ``config.json``."""
     vae, _, saved = load_run(ctx.run_dir(stage), device=ctx.device, dtype=ctx.dtype, model_spec=ctx.cfg.model)
     return vae, saved
@@ -140,7 +140,7 @@ def record(ctx: Context, stage: Stage, saved: Mapping[str, Any], metrics: Mappin
         diagnostics=diagnostics, run_dir=str(ctx.run_dir(stage).relative_to(ctx.results_dir)), series=series)
 
 
-def score(ctx: Context, vae: VAE, name: str, settings: evaluation.EstimatorSettings, seed: int
+def score(ctx: Context, vae: LatentModel, name: str, settings: evaluation.EstimatorSettings, seed: int
           ) -> tuple[torch.Tensor, dict[str, Any], float]:
     """Per-datapoint values of registered estimator ``name`` (as :func:`evaluation.evaluate` runs it)."""
     pyro.set_rng_seed(seed)
@@ -262,7 +262,7 @@ def run_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     return record(ctx, stage, saved, metrics, wall, unavailable, diagnostics)
 
 
-def posthoc_encoder(ctx: Context, vae: VAE, seed: int) -> tuple[VAE, dict[str, Any], float]:
+def posthoc_encoder(ctx: Context, vae: LatentModel, seed: int) -> tuple[LatentModel, dict[str, Any], float]:
     """A Gaussian encoder fitted to a trained decoder that has none, with the decoder frozen.
 
     The IWAE-K objective (:func:`vaebench.inference.iwae.iwae_objective`) trains only φ for the
@@ -274,7 +274,7 @@ def posthoc_encoder(ctx: Context, vae: VAE, seed: int) -> tuple[VAE, dict[str, A
     config = dataclasses.replace(vae.config, encoder=True, guide="gaussian", flows=0)
     start = time.perf_counter()
     pyro.set_rng_seed(stage_seed(seed, "posthoc-encoder/init"))
-    fitted = VAE(config, vae.generative).to(device=ctx.device, dtype=ctx.dtype)
+    fitted = LatentModel(config, vae.generative).to(device=ctx.device, dtype=ctx.dtype)
     fitted.generative.requires_grad_(False)
     train_config = TrainConfig(method="iwae", dataset=cfg.dataset, epochs=int(budget["epochs"]), k=int(budget["k"]),
                                batch_size=cfg.batch_size, lr=float(budget["lr"]), seed=stage_seed(seed, "posthoc-encoder"),

@@ -366,7 +366,7 @@ def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generat
     Parameters
     ----------
     model
-        An :class:`AISTarget` or a :class:`vaebench.model.VAE` (see :func:`as_target`).
+        An :class:`AISTarget` or a :class:`vaebench.model.LatentModel` (see :func:`as_target`).
     x
         Data ``[n, P]``.
     config
@@ -430,7 +430,7 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
     Parameters
     ----------
     model
-        An :class:`AISTarget` or a VAE.
+        An :class:`AISTarget` or a LatentModel.
     x
         Data ``[n, P]``.
     z_posterior

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 
 class Objective(Protocol):
@@ -19,7 +19,7 @@ class Objective(Protocol):
 
     name: str
 
-    def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
+    def accumulate_gradients(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> float:
         """Gradients of the negative bound for batch ``x`` (rows ``indices`` of the training set)."""
         ...
 

@@ -124,7 +124,7 @@ def _certify(model: Any, config: AISConfig, generator: torch.Generator, settings
     Parameters
     ----------
     model
-        An :class:`vaebench.inference.ais.AISTarget` or a VAE.
+        An :class:`vaebench.inference.ais.AISTarget` or a LatentModel.
     config
         AIS settings; ``config.steps`` is the first T tried (T_0). Leapfrog steps, chains,
         schedule and step-size adaptation are those of the final AIS run.

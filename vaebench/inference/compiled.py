@@ -7,8 +7,8 @@ For a batch ``x`` and K particles the training objectives need
     \\log w_k = \\log p_θ(x, z_k) - \\log q_φ(z_k \\mid x), \\qquad z_k \\sim q_φ(z \\mid x),
 
 per datapoint. They come from two Pyro traces: the guide's, under a ``particles`` plate
-(:meth:`vaebench.model.VAE.encoder_proposal`), and the model's, conditioned on the drawn z
-(:meth:`vaebench.model.VAE.log_joint`). Interpreting those traces -- Pyro's messenger stack,
+(:meth:`vaebench.model.LatentModel.encoder_proposal`), and the model's, conditioned on the drawn z
+(:meth:`vaebench.model.LatentModel.log_joint`). Interpreting those traces -- Pyro's messenger stack,
 plates, distribution objects, ``compute_log_prob`` -- costs about as much Python per step as the
 tensor work of a small network, so an eager step from the Pyro model ran 1.2-1.4× slower than
 the same step written directly in PyTorch (``python bench/step_ratio.py``).
@@ -20,7 +20,7 @@ Pyro program in ``model.py`` defines; only the Python that interprets it is skip
 approach of Pyro's own ``JitTrace_ELBO`` (``pyro.ops.jit.trace``), which cannot be used here
 directly: it captures parameters registered with ``pyro.module`` as constants (``torch.jit``
 refuses tensors that require grad), and ``RenyiELBO`` has no JIT variant. Like ``JitTrace_ELBO``
-it relies on the program having a static structure for a given input shape, which the VAE has.
+it relies on the program having a static structure for a given input shape, which the LatentModel has.
 
 Alternatives tried (CPU, batch 100, one IWAE_5 step of a 64-200-200-50 network, relative to the
 hand-written step): ``torch.compile`` of the Pyro ELBO breaks its graph inside Pyro's handlers,
@@ -50,13 +50,13 @@ from torch import nn
 
 from vaebench.errors import VaebenchError
 from vaebench.estimators import log_weights
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 DEFAULT_CACHE_SIZE = 8
 """Compiled programs kept per :class:`CompiledLogWeights` (one per batch shape, K, ...)."""
 
 
-def eager_log_weights(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False) -> torch.Tensor:
+def eager_log_weights(model: LatentModel, x: torch.Tensor, k: int, detach_encoder: bool = False) -> torch.Tensor:
     """log p_θ(x, z_k) − log q_φ(z_k|x) for ``k`` draws z_k ~ q_φ(z|x), ``[k, n]``, from Pyro traces.
 
     With ``detach_encoder`` the draws stay reparameterised but log q is evaluated with the
@@ -69,7 +69,7 @@ def eager_log_weights(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool 
 class _LogWeightsProgram(nn.Module):
     """:func:`eager_log_weights` as a module, so tracing keeps the model's parameters as inputs."""
 
-    def __init__(self, model: VAE, k: int, detach_encoder: bool) -> None:
+    def __init__(self, model: LatentModel, k: int, detach_encoder: bool) -> None:
         super().__init__()
         self.model = model
         self.k = k
@@ -114,7 +114,7 @@ class CompiledLogWeights:
         self._programs: OrderedDict[Hashable, torch.jit.ScriptModule | None] = OrderedDict()
         self._warned = False
 
-    def __call__(self, model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False) -> torch.Tensor:
+    def __call__(self, model: LatentModel, x: torch.Tensor, k: int, detach_encoder: bool = False) -> torch.Tensor:
         if not self.compiled:
             return eager_log_weights(model, x, k, detach_encoder)
         key = (weakref.ref(model), tuple(x.shape), x.dtype, x.device, k, detach_encoder, torch.is_grad_enabled())
@@ -140,7 +140,7 @@ class CompiledLogWeights:
         return eager_log_weights(model, x, k, detach_encoder) if program is None else program(x)
 
     @staticmethod
-    def _compile(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool) -> torch.jit.ScriptModule:
+    def _compile(model: LatentModel, x: torch.Tensor, k: int, detach_encoder: bool) -> torch.jit.ScriptModule:
         devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
             if x.device.type == "cuda" else []
         with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), \

@@ -4,7 +4,7 @@ Why written by hand
 -------------------
 Pyro's ``HMC``/``NUTS`` (``pyro/infer/mcmc/hmc.py``) run *one* joint chain over every latent
 site: a single step size, a single mass matrix and a single accept/reject for the whole latent
-vector. The N posteriors p_θ(z_i | x_i) of a VAE are independent, so a joint chain would couple
+vector. The N posteriors p_θ(z_i | x_i) of a LatentModel are independent, so a joint chain would couple
 them (one bad datapoint shrinks everyone's step size and rejects everyone's move). This module
 runs N × M independent chains with per-chain step size, per-chain (diagonal) mass matrix and
 per-chain Metropolis test, vectorised over chains -- no Python loop over datapoints, on CPU or
@@ -57,7 +57,7 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from vaebench.config import HMCConfig
 from vaebench.errors import VaebenchError
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 """``z [..., n, D] -> log π(z) [..., n]``, one independent density per chain."""
@@ -500,7 +500,7 @@ def sample(log_density_fn: LogDensityFn | Any, initial_position: torch.Tensor, c
     return HMCResult(samples, state, diagnostics)
 
 
-def sample_posterior(model: VAE, x: torch.Tensor, config: HMCConfig, generator: torch.Generator,
+def sample_posterior(model: LatentModel, x: torch.Tensor, config: HMCConfig, generator: torch.Generator,
                      keep_samples: bool = True) -> HMCResult:
     """Sample p_θ(z_i | x_i) for every row of ``x`` with ``config.chains`` chains each.
 

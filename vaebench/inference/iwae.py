@@ -34,7 +34,7 @@ from pyro.infer import ELBO, RenyiELBO
 
 from vaebench.estimators import log_mean_exp
 from vaebench.inference.compiled import CompiledLogWeights
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 
 class BoundObjective:
@@ -62,7 +62,7 @@ class BoundObjective:
         self.name = name
         self.log_weights = CompiledLogWeights(compiled)
 
-    def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
+    def accumulate_gradients(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> float:
         log_w = self.log_weights(model, x, self.k)
         bound = (log_w[0] if self.k == 1 else log_mean_exp(log_w, dim=0)).sum()
         (-bound).backward()
@@ -78,7 +78,7 @@ def iwae_objective(k: int, compiled: bool = True) -> BoundObjective:
     return BoundObjective(k, reference, f"iwae-{k}", compiled)
 
 
-def iwae_bound(model: VAE, x: torch.Tensor, k: int, detach_encoder: bool = False
+def iwae_bound(model: LatentModel, x: torch.Tensor, k: int, detach_encoder: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """IWAE_K bound per datapoint ``[n]`` and its log-weights ``[k, n]``, from eager Pyro traces.
 
@@ -98,7 +98,7 @@ class DReGObjective:
         self.name = f"iwae-dreg-{k}"
         self.log_weights = CompiledLogWeights(compiled)
 
-    def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
+    def accumulate_gradients(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> float:
         encoder_params = [p for p in model.encoder_parameters() if p.requires_grad]
         decoder_params = [p for p in model.decoder_parameters() if p.requires_grad]
         log_w = self.log_weights(model, x, self.k, detach_encoder=True)

@@ -23,7 +23,7 @@ variational autoencoders"):
       = \\underbrace{\\log p_θ(x) - \\mathrm{ELBO}[q^*]}_{\\text{approximation gap}}
       + \\underbrace{\\mathrm{ELBO}[q^*] - \\mathrm{ELBO}[q_φ]}_{\\text{amortisation gap}}.
 
-The density of the model is :meth:`vaebench.model.VAE.log_joint` (traced from the Pyro model);
+The density of the model is :meth:`vaebench.model.LatentModel.log_joint` (traced from the Pyro model);
 q* is a ``pyro.distributions.Normal``. Pyro's SVI could fit the same q* with a local guide, but it
 keeps one parameter set in its global store and its ``Trace_ELBO`` sums the datapoints' ELBOs,
 which is what is done here; the explicit loop keeps the state (μ, s, the generator) visible.
@@ -99,7 +99,7 @@ def fit_local_gaussians(log_joint: LogJoint, x: torch.Tensor, init_loc: torch.Te
     Parameters
     ----------
     log_joint
-        ``(x, z [k, n, D]) -> [k, n]``, e.g. :meth:`VAE.log_joint`; gradients are taken only with
+        ``(x, z [k, n, D]) -> [k, n]``, e.g. :meth:`LatentModel.log_joint`; gradients are taken only with
         respect to μ and s (wrap the call in :func:`frozen` to skip decoder gradients).
     x
         Data ``[n, P]``.

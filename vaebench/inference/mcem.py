@@ -4,7 +4,7 @@ Every training datapoint x_i keeps one latent z_i, a chain targeting p_θ(z_i | 
 across epochs. For each minibatch B:
 
 1. **E-step (sampling):** a few batched HMC transitions (:mod:`vaebench.inference.hmc`) from the
-   stored z_i, targeting log p_θ(x_i, z_i) (:meth:`vaebench.model.VAE.log_joint`) at the current
+   stored z_i, targeting log p_θ(x_i, z_i) (:meth:`vaebench.model.LatentModel.log_joint`) at the current
    θ;
 2. **M-step (one Adam step):** the gradient of Σ_{i∈B} log p_θ(x_i, z_i) with respect to θ at the
    new latents, an unbiased estimate of Σ_i ∇_θ log p_θ(x_i) when z_i ~ p_θ(z_i | x_i) (Fisher's
@@ -29,7 +29,7 @@ import math
 import torch
 
 from vaebench.inference import hmc
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 MIN_LOG_STEP, MAX_LOG_STEP = math.log(1e-4), math.log(10.0)
 
@@ -79,7 +79,7 @@ class HMCEMObjective:
         self.acceptance_rate = float("nan")
         self._spent = 0
 
-    def _allocate(self, model: VAE, like: torch.Tensor, size: int) -> None:
+    def _allocate(self, model: LatentModel, like: torch.Tensor, size: int) -> None:
         """Grow the per-datapoint storage to ``size`` rows (new rows: prior draws, unvisited)."""
         have = 0 if self.latents is None else self.latents.shape[0]
         if size <= have:
@@ -92,7 +92,7 @@ class HMCEMObjective:
         self.log_step_size = torch.cat([old[1], like.new_zeros(size - have)])
         self.visited = torch.cat([old[2], torch.zeros(size - have, dtype=torch.bool, device=like.device)])
 
-    def sample_latents(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def sample_latents(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """E-step: advance the stored chains of rows ``indices`` and store them back; returns the new z."""
         self._allocate(model, x, max(self.num_data or 0, int(indices.max()) + 1))
         rows = indices.to(self.latents.device)
@@ -120,7 +120,7 @@ class HMCEMObjective:
         self._spent = calls
         return state.position
 
-    def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
+    def accumulate_gradients(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> float:
         """E-step, then write −∇_θ Σ_i log p_θ(x_i, z_i) into the decoder's ``.grad``; returns Σ log p_θ(x_i, z_i)."""
         z = self.sample_latents(model, x, indices)
         log_joint = model.log_joint(x, z.detach()).sum()

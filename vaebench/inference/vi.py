@@ -13,7 +13,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from vaebench.inference.iwae import BoundObjective
-from vaebench.model import VAE
+from vaebench.model import LatentModel
 
 
 class PyroELBOObjective:
@@ -37,7 +37,7 @@ class PyroELBOObjective:
         self.name = name
         self.particles = particles
 
-    def accumulate_gradients(self, model: VAE, x: torch.Tensor, indices: torch.Tensor) -> float:
+    def accumulate_gradients(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> float:
         return -float(self.elbo.loss_and_grads(model.model, model.guide, x))
 
     def gradient_evaluations(self, batch_size: int) -> int:
