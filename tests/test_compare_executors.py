@@ -184,3 +184,14 @@ def test_a_failing_stage_is_reported_and_its_dependents_not_started(tmp_path, mo
         run_compare(VI, tmp_path / "r", progress=False, workers=1)
     assert {r["key"] for r in read_records(tmp_path / "r")} == {s.key for s in plan(VI)
                                                                if s.kind not in ("train", "gaps")}
+
+
+def test_slurm_without_sbatch_is_one_line(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from conftest import run_cli
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--executor", "slurm", "--out",
+                             str(tmp_path / "results"))
+    assert status == 2 and "sbatch not found" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "results").exists()
