@@ -94,8 +94,19 @@ def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+class _JSONConfig:
+    """The JSON round trip every config shares: ``to_dict`` for ``config.json``, ``from_dict`` back (validated)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        return _from_dict(cls, data)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_JSONConfig):
     """The generative model p_θ(x|z)p(z) and the guide q_φ(z|x) of a run.
 
     The model is named by ``model``: a built-in (``mlp``, ``linear``, ``burda-2layer``) or a user
@@ -214,7 +225,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_JSONConfig):
     """How θ (and φ) are learned.
 
     Parameters
@@ -282,16 +293,9 @@ class TrainConfig:
                f"HMC transitions per minibatch must be in 1..1000, got {self.hmc_transitions}")
         _check(1 <= self.hmc_leapfrog <= 1000, f"leapfrog steps must be in 1..1000, got {self.hmc_leapfrog}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class HMCConfig:
+class HMCConfig(_JSONConfig):
     """Batched HMC on p_θ(z|x) (:func:`vaebench.inference.hmc.sample`).
 
     Parameters
@@ -341,16 +345,9 @@ class HMCConfig:
         _check(self.divergence_threshold > 0,
                f"divergence threshold must be positive, got {self.divergence_threshold}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "HMCConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class AISConfig:
+class AISConfig(_JSONConfig):
     """Annealed importance sampling of log p_θ(x) (:func:`vaebench.inference.ais.ais`).
 
     Parameters
@@ -399,16 +396,9 @@ class AISConfig:
         _check(self.divergence_threshold > 0,
                f"divergence threshold must be positive, got {self.divergence_threshold}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AISConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class CertifyConfig:
+class CertifyConfig(_JSONConfig):
     """Certification of AIS by BDMC on simulated data (:func:`vaebench.inference.certify.certify`).
 
     Parameters
@@ -434,10 +424,3 @@ class CertifyConfig:
                f"--max-steps must be in 1..1000000, got {self.max_steps}")
         _check(isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < float("inf"),
                f"--gap-tolerance must be a positive number of nats, got {self.tolerance}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CertifyConfig":
-        return _from_dict(cls, data)
