@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vaebench.models.contract import DATA_PLATE
-from vaebench.models.guides import ACTIVATIONS, mlp
+from vaebench.models.guides import mlp
 
 
 class Decoder(nn.Module):
@@ -132,4 +132,4 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "linear": _l
 ARCHITECTURE_MODELS = ("mlp", "linear")
 """Built-ins configured by :class:`~vaebench.config.ModelConfig`'s architecture fields
 (``latent_dim``, ``hidden``, ``activation``, ``likelihood``, ``gaussian_scale``)."""
-__all__ = ["ACTIVATIONS", "BUILTIN_MODELS", "Burda2Layer", "Decoder", "OneLatentModel"]
+__all__ = ["BUILTIN_MODELS", "Burda2Layer", "Decoder", "OneLatentModel"]
