@@ -433,14 +433,14 @@ def _run_compare(args: argparse.Namespace) -> int:
         if importlib.util.find_spec(needs[0]) is None:
             raise VaebenchError(f"--executor {args.executor} needs the {needs[0]} package: "
                                 f"pip install -e \".[{needs[1]}]\"")
+    if args.executor == "slurm":
+        from vaebench.compare.runner import parse_slurm_time
+        parse_slurm_time(args.slurm_time)                 # a bad value is refused before anything is written
     if args.executor == "slurm" and args.slurm_cluster in (None, "slurm"):
         import shutil
         if shutil.which("sbatch") is None:            # submitit would quietly run the jobs here instead
             raise VaebenchError("--executor slurm: no Slurm on this machine (sbatch not found); run the driver on "
                                 "a login node, or use --executor local or dask")
-    if args.executor == "slurm":
-        from vaebench.compare.runner import parse_slurm_time
-        parse_slurm_time(args.slurm_time)                 # a bad value is refused before anything is written
     start = time.perf_counter()
     try:
         outcome = run_compare(cfg, args.out, progress=not args.quiet, executor=args.executor, workers=args.workers,
