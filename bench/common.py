@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import pyro
 import torch
 
 from vaebench.config import METHODS, ModelConfig, TrainConfig
@@ -182,3 +183,84 @@ def measure_step_ratio(method: str, batch: int = 100, device: str = "cpu", repea
             reference_seconds.append(_block(reference, calls, dev))
             seconds.append(_block(ours, calls, dev))
     return StepRatio(method, batch, device, tuple(seconds), tuple(reference_seconds))
+
+
+# ------------------------------------------------------------------------------ latent gradients
+GRADIENT_VARIANTS = ("traced", "traced-one-pass", "compiled", "compiled-components", "func-grad", "make-fx")
+"""Ways of computing ∇_u log p_θ(x, u) from the Pyro model that ``bench/latent_gradient.py`` times.
+
+``traced``: the eager Pyro trace with one autograd pass per component (the path before the
+compiled density); ``traced-one-pass``: the eager trace, one pass of the sum; ``compiled``: the
+compiled density's one-pass gradient (HMC, Monte Carlo EM); ``compiled-components``: its two
+gradients (AIS, BDMC); ``func-grad``: :func:`torch.func.grad_and_value` over the eager trace;
+``make-fx``: the forward and backward of ``func-grad`` captured by ``make_fx`` and replayed."""
+
+
+def gradient_model(device: torch.device, seed: int = 0, model_config: ModelConfig = STEP_MODEL) -> VAE:
+    """A freshly initialised 784-200-200-50 model with its parameters frozen (constants, as for HMC)."""
+    torch.manual_seed(seed)
+    model = VAE(ModelConfig(**{**model_config.to_dict(), "encoder": False})).to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def latent_gradient(variant: str, model: VAE, x: torch.Tensor) -> Callable[[torch.Tensor], tuple]:
+    """``u -> (value, gradient...)`` computed the ``variant`` way (see :data:`GRADIENT_VARIANTS`)."""
+    if variant == "traced":
+        return model.latent_density(x, compiled=False).evaluate_components
+    if variant == "traced-one-pass":
+        return model.latent_density(x, compiled=False).evaluate
+    if variant == "compiled":
+        return model.latent_density(x).evaluate
+    if variant == "compiled-components":
+        return model.latent_density(x).evaluate_components
+    grad_and_value = torch.func.grad_and_value(lambda u: model.log_joint(x, u).sum())
+    if variant == "func-grad":
+        return grad_and_value
+    if variant == "make-fx":
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        graphs: dict[tuple, Callable] = {}
+
+        def replay(u: torch.Tensor) -> tuple:
+            key = tuple(u.shape)
+            if key not in graphs:
+                with pyro.validation_enabled(False):       # argument checks read tensor values
+                    graphs[key] = make_fx(grad_and_value)(u)
+            return graphs[key](u)
+        return replay
+    raise ValueError(f"unknown gradient variant {variant!r}; choose from {', '.join(GRADIENT_VARIANTS)}")
+
+
+def gradient_flops(model_config: ModelConfig, rows: int) -> int:
+    """Floating-point operations of the matrix products in one ∇_u log p(x, u) of an MLP decoder, ``rows`` rows.
+
+    Forward and backward each multiply by every weight matrix once (no weight gradients):
+    4 · rows · Σ_layers fan_in · fan_out.
+    """
+    widths = [model_config.latent_dim, *model_config.hidden, model_config.data_dim]
+    return 4 * rows * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def paired_blocks(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int = 15,
+                  block_seconds: float = 0.2, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed in interleaved blocks (the order rotates each repetition).
+
+    Each repetition times one block of every function back to back, so slow drifts of machine load
+    hit all of them alike; compare functions by the median of their per-repetition ratios.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    sizes = {name: max(1, round(block_seconds / max(_block(fn, 1, device), 1e-6))) for name, fn in calls.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seconds[name].append(_block(calls[name], sizes[name], device))
+    return seconds
+
+
+def median_ratio(seconds: list[float], reference: list[float]) -> float:
+    """Median over repetitions of the paired ratio seconds / reference."""
+    return statistics.median(a / b for a, b in zip(seconds, reference))

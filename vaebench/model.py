@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from vaebench.config import ModelConfig
 from vaebench.errors import ConfigError
+from vaebench.inference.latent_density import CompiledSiteLogProbs, LatentDensity
 from vaebench.models.builtin import ARCHITECTURE_MODELS
 from vaebench.models.contract import (LatentSpace, ModelContractError, _sample_sites, check_guide,
                                       inspect_model, placeholder_batch)
@@ -203,8 +204,30 @@ class LatentModel(nn.Module):
         return log_prior, trace.nodes[self.space.observed]["log_prob"]
 
     def components(self, x: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``u -> (log p(u), log p_θ(x|u))``: the split AIS anneals."""
-        return lambda u: self.site_log_probs(x, u)
+        """``u -> (log p(u), log p_θ(x|u))``: the split AIS anneals (compiled, see :meth:`latent_density`)."""
+        return self.latent_density(x).components
+
+    def latent_density(self, x: torch.Tensor, compiled: bool = True) -> LatentDensity:
+        """log p_θ(x, u) of the batch ``x`` as a function of u, with its gradients: the target of HMC,
+        AIS, BDMC and Monte Carlo EM.
+
+        With ``compiled`` (default) the conditioned Pyro trace is replayed from a
+        :func:`torch.jit.trace` recorded once per input signature
+        (:class:`~vaebench.inference.latent_density.CompiledSiteLogProbs`); the values and
+        gradients are those of :meth:`site_log_probs`. A program that cannot be compiled falls back
+        to :meth:`site_log_probs` with a one-line warning.
+        """
+        if not compiled:
+            return LatentDensity(self.site_log_probs, x)
+        if self.__dict__.get("_compiled_site_log_probs") is None:
+            self.__dict__["_compiled_site_log_probs"] = CompiledSiteLogProbs(self)
+        return LatentDensity(self.__dict__["_compiled_site_log_probs"], x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_compiled_site_log_probs", None)       # compiled programs are rebuilt on demand
+        return state
 
     def log_prior(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """log p(u), ``[..., n]`` (``x`` only fixes the plate size)."""

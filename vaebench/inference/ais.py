@@ -67,6 +67,7 @@ from vaebench.config import AISConfig
 from vaebench.errors import VaebenchError
 from vaebench.estimators import log_mean_exp
 from vaebench.inference import hmc
+from vaebench.inference.latent_density import LatentDensity
 
 Components = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``u [..., n, D] -> (log p(u) [..., n], log p_θ(x|u) [..., n])``; log p(u) includes any log-det-Jacobian."""
@@ -103,6 +104,16 @@ def as_target(model: Any) -> AISTarget:
                         "latent_dim)")
 
 
+def density_of(target: AISTarget, x: torch.Tensor) -> LatentDensity:
+    """The annealed density of batch ``x``: the target's compiled
+    :meth:`~vaebench.model.LatentModel.latent_density` where it has one, else its ``components``."""
+    make = getattr(target, "latent_density", None)
+    if make is not None:
+        return make(x)
+    components = target.components(x)
+    return LatentDensity(lambda _x, u: components(u), x)
+
+
 def beta_schedule(steps: int, schedule: str = "sigmoid", delta: float = 4.0) -> torch.Tensor:
     """Inverse temperatures β_0 = 0 < ... < β_T = 1, float64 ``[steps + 1]``.
 
@@ -126,17 +137,13 @@ class AnnealedTarget:
     state to another β without evaluating the model again.
     """
 
-    def __init__(self, components: Components, beta: float) -> None:
-        self.components = components
+    def __init__(self, components: Components | LatentDensity, beta: float) -> None:
+        self.density = components if isinstance(components, LatentDensity) else \
+            LatentDensity(lambda _x, u: components(u), None)
         self.beta = float(beta)
 
     def evaluate(self, position: torch.Tensor) -> hmc.Evaluation:
-        with torch.enable_grad():
-            z = position.detach().requires_grad_(True)
-            log_prior, log_lik = self.components(z)
-            (grad_prior,) = torch.autograd.grad(log_prior.sum(), z, retain_graph=True)
-            (grad_lik,) = torch.autograd.grad(log_lik.sum(), z)
-        log_prior, log_lik = log_prior.detach(), log_lik.detach()
+        log_prior, log_lik, grad_prior, grad_lik = self.density.evaluate_components(position)
         return hmc.Evaluation(log_prior + self.beta * log_lik, grad_prior + self.beta * grad_lik,
                               (log_prior, log_lik, grad_prior, grad_lik))
 
@@ -179,7 +186,7 @@ class AnnealingRun:
     log_step_schedule: torch.Tensor
 
 
-def anneal(components: Components, initial_position: torch.Tensor, betas: torch.Tensor, config: AISConfig,
+def anneal(components: Components | LatentDensity, initial_position: torch.Tensor, betas: torch.Tensor, config: AISConfig,
            generator: torch.Generator, log_step_schedule: torch.Tensor | None = None,
            progress: Callable[[int], Any] | None = None) -> AnnealingRun:
     """Run AIS along ``betas`` from exact draws of f_{β_0}; the core of :func:`ais` and :func:`bdmc`.
@@ -187,7 +194,8 @@ def anneal(components: Components, initial_position: torch.Tensor, betas: torch.
     Parameters
     ----------
     components
-        ``u -> (log p(u), log p(x|u))`` per chain.
+        ``u -> (log p(u), log p(x|u))`` per chain, or a (compiled)
+        :class:`~vaebench.inference.latent_density.LatentDensity`, whose gradients are used.
     initial_position
         Exact draws from f_{β_0}: the prior for β_0 = 0 (forward AIS), the posterior for β_0 = 1
         (reverse chain of BDMC). ``[M + K, n, D]`` when the step sizes are adapted: the last
@@ -392,7 +400,7 @@ def ais(model: Any, x: torch.Tensor, config: AISConfig, generator: torch.Generat
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size]
         u0 = target.sample_prior(xb, config.chains + config.tuning_chains, generator)
-        runs.append(anneal(target.components(xb), u0, betas, config, generator, progress=progress))
+        runs.append(anneal(density_of(target, xb), u0, betas, config, generator, progress=progress))
     return _combine(runs, 1.0, time.perf_counter() - start)
 
 
@@ -471,7 +479,7 @@ def bdmc(model: Any, x: torch.Tensor, z_posterior: torch.Tensor, config: AISConf
         xb = x[i:i + batch_size]
         zb = z_posterior[..., i:i + batch_size, :]
         z0 = zb.expand(config.chains, *zb.shape[-2:]).clone()
-        runs.append(anneal(target.components(xb), z0, betas, config, generator,
+        runs.append(anneal(density_of(target, xb), z0, betas, config, generator,
                            log_step_schedule=reverse_schedule[:, i:i + batch_size], progress=progress))
     upper = _combine(runs, -1.0, time.perf_counter() - start - lower.seconds)
     return BDMCResult(lower, upper, None if alongside is None else forward.subset(slice(n, None)))

@@ -57,25 +57,19 @@ from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from vaebench.config import HMCConfig
 from vaebench.errors import VaebenchError
+from vaebench.inference.latent_density import Evaluation
 from vaebench.model import LatentModel
 
 LogDensityFn = Callable[[torch.Tensor], torch.Tensor]
 """``z [..., n, D] -> log π(z) [..., n]``, one independent density per chain."""
 
 
-class Evaluation(NamedTuple):
-    """A target evaluated at a position: log density, its gradient, and cached extras per chain."""
-
-    log_density: torch.Tensor
-    grad: torch.Tensor
-    aux: tuple[torch.Tensor, ...] = ()
-
-
 def evaluate(log_density_fn: LogDensityFn | Any, position: torch.Tensor) -> Evaluation:
     """Log density and gradient at ``position`` (autograd; works inside ``torch.no_grad``).
 
-    A target object with an ``evaluate(position) -> Evaluation`` method (such as AIS's annealed
-    target) is used as is, which lets it cache per-chain extras in :attr:`HMCState.aux`.
+    A target object with an ``evaluate(position) -> Evaluation`` method (the compiled
+    :class:`~vaebench.inference.latent_density.LatentDensity`, AIS's annealed target) is used as
+    is, which lets it take its own gradient path and cache per-chain extras in :attr:`HMCState.aux`.
     """
     custom = getattr(log_density_fn, "evaluate", None)
     if custom is not None:
@@ -434,7 +428,7 @@ def sample(log_density_fn: LogDensityFn | Any, initial_position: torch.Tensor, c
     ----------
     log_density_fn
         ``z [..., n, D] -> [..., n]``, separable across chains; in practice
-        ``lambda z: model.log_joint(x, z)``.
+        ``model.latent_density(x)`` (compiled, one backward pass per gradient).
     initial_position
         Starting points ``[..., n, D]`` (leading dims: chains per datapoint).
     config
@@ -505,7 +499,8 @@ def sample_posterior(model: LatentModel, x: torch.Tensor, config: HMCConfig, gen
     """Sample p_θ(z_i | x_i) for every row of ``x`` with ``config.chains`` chains each.
 
     Chains start from exact prior draws u ~ p(u) (:meth:`~vaebench.model.LatentModel.sample_prior`)
-    and target ``model.log_joint(x, u)``. Draws are ``[num_samples, chains, n, D]``.
+    and target log p_θ(x, u) (:meth:`~vaebench.model.LatentModel.latent_density`, compiled).
+    Draws are ``[num_samples, chains, n, D]``.
     """
     z0 = model.sample_prior(x, config.chains, generator)
-    return sample(lambda z: model.log_joint(x, z), z0, config, generator, keep_samples)
+    return sample(model.latent_density(x), z0, config, generator, keep_samples)

@@ -96,7 +96,7 @@ class HMCEMObjective:
         """E-step: advance the stored chains of rows ``indices`` and store them back; returns the new z."""
         self._allocate(model, x, max(self.num_data or 0, int(indices.max()) + 1))
         rows = indices.to(self.latents.device)
-        log_density = lambda z: model.log_joint(x, z)                       # noqa: E731
+        log_density = model.latent_density(x)
         state = hmc.init(self.latents[rows], log_density)
         calls = 1
         log_step = self.log_step_size[rows]
@@ -123,7 +123,7 @@ class HMCEMObjective:
     def accumulate_gradients(self, model: LatentModel, x: torch.Tensor, indices: torch.Tensor) -> float:
         """E-step, then write −∇_θ Σ_i log p_θ(x_i, z_i) into the decoder's ``.grad``; returns Σ log p_θ(x_i, z_i)."""
         z = self.sample_latents(model, x, indices)
-        log_joint = model.log_joint(x, z.detach()).sum()
+        log_joint = model.latent_density(x)(z.detach()).sum()
         (-log_joint).backward()
         self._spent += 1
         return float(log_joint.detach())

@@ -1,0 +1,93 @@
+"""Time ∇_u log p_θ(x, u) from the Pyro model against the hand-written gradient, and the FLOP rate.
+
+Usage::
+
+    python bench/latent_gradient.py                       # n = 100, 1600, 6400 rows on CPU, one thread
+    python bench/latent_gradient.py --variants traced compiled func-grad make-fx
+    python bench/latent_gradient.py --device cuda --rows 100 1000 10000
+
+One process. For each row count n the 784-200-200-50 Bernoulli decoder's latent gradient is
+computed the ways named by ``--variants`` (``bench/common.py``: ``GRADIENT_VARIANTS``) and by
+``bench/reference.py::ReferenceLatentGradient`` (three matrix products forward, three back, no
+autograd), timed in interleaved blocks; printed are seconds per call, the median paired ratio to
+the reference (target ≤ 1.10 for ``compiled``), the GFLOP/s of the six matrix products, and that
+rate as a fraction of a plain ``[n, 200] × [200, 784]`` matmul timed in the same blocks (target
+≥ 0.70 at n ≥ 1600). Timed GPU code synchronises; fp32 with TF32 off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (GRADIENT_VARIANTS, STEP_MODEL, binary_batch, gradient_flops, gradient_model,  # noqa: E402
+                          latent_gradient, median_ratio, paired_blocks, torch_device)
+from bench.reference import ReferenceLatentGradient  # noqa: E402
+
+RATIO_TARGET = 1.10
+MATMUL_FRACTION_TARGET = 0.70
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", type=int, default=[100, 1600, 6400],
+                        help="rows n (chains × datapoints) per gradient evaluation")
+    parser.add_argument("--variants", nargs="+", default=["traced", "compiled", "compiled-components"],
+                        choices=GRADIENT_VARIANTS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved blocks per variant")
+    parser.add_argument("--block-seconds", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: VAEBENCH_BENCH_THREADS, else 1)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row count")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "latent_gradient.py: error: no CUDA device\n")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch_device(args.device)
+    model = gradient_model(device)
+    reference = ReferenceLatentGradient(model)
+    hidden, data_dim = STEP_MODEL.hidden[-1], STEP_MODEL.data_dim
+    if not args.json:
+        print(f"command: python bench/latent_gradient.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+        print(f"784-200-200-50 Bernoulli decoder, {args.device}, {torch.get_num_threads()} thread(s), torch "
+              f"{torch.__version__}, float32; ratio = variant / hand-written gradient (target <= {RATIO_TARGET} "
+              f"for compiled), matmul = [n,{hidden}]x[{hidden},{data_dim}] in the same blocks")
+    for n in args.rows:
+        x = binary_batch(n, data_dim, device)
+        u = torch.randn(n, STEP_MODEL.latent_dim, generator=torch.Generator().manual_seed(n)).to(device)
+        a = torch.randn(n, hidden, device=device)
+        b = torch.randn(hidden, data_dim, device=device)
+        calls = {"reference": lambda: reference(x, u), "matmul": lambda: torch.mm(a, b)}
+        calls.update({variant: (lambda fn=latent_gradient(variant, model, x): fn(u)) for variant in args.variants})
+        seconds = paired_blocks(calls, device, args.repeats, args.block_seconds)
+        flops = gradient_flops(STEP_MODEL, n)
+        matmul_rate = 2 * n * hidden * data_dim / min(seconds["matmul"])
+        rows = {}
+        for name in ["reference", *args.variants]:
+            best = min(seconds[name])
+            rows[name] = {"seconds": best, "ratio": median_ratio(seconds[name], seconds["reference"]),
+                          "gflops": flops / best / 1e9, "matmul_fraction": flops / best / matmul_rate}
+        if args.json:
+            print(json.dumps({"rows": n, "device": args.device, "threads": torch.get_num_threads(),
+                              "matmul_gflops": matmul_rate / 1e9, "variants": rows}))
+            continue
+        print(f"\nn = {n}: matmul {matmul_rate / 1e9:.1f} GFLOP/s")
+        for name, row in rows.items():
+            print(f"  {name:20s} {row['seconds'] * 1e3:9.3f} ms  ratio {row['ratio']:.3f}  "
+                  f"{row['gflops']:6.1f} GFLOP/s  {row['matmul_fraction']:.2f} of matmul")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

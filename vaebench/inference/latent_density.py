@@ -1,0 +1,214 @@
+"""The latent log-density of a model and its gradient, replayed from a compiled trace.
+
+HMC, AIS, BDMC and Monte Carlo EM spend nearly all their time evaluating, for a batch ``x`` and
+positions ``u [..., n, D]`` (one chain per row),
+
+.. math::
+
+    \\log p_θ(x, u) = \\underbrace{\\log p(u)}_{\\text{prior}} + \\underbrace{\\log p_θ(x \\mid u)}_{\\text{likelihood}},
+    \\qquad ∇_u \\log p(u), \\quad ∇_u \\log p_θ(x \\mid u),
+
+read off a trace of the Pyro model conditioned on the latents
+(:meth:`vaebench.model.LatentModel.site_log_probs`). Interpreting that trace -- Pyro's messenger
+stack, ``poutine.condition``, distribution objects, ``compute_log_prob`` -- costs Python time on
+every call, about a third of the tensor work of a 784-200-200-50 decoder at 100 rows.
+
+:class:`LatentDensity` runs the trace once per (model, batch shape, chain shape, dtype, device)
+under :func:`torch.jit.trace`, which records its tensor operations, and replays that graph on
+later calls; the backward pass is PyTorch's autograd through the replayed graph. The densities
+are still the ones the Pyro program defines: the replay runs the same operations, so its values
+and gradients equal the traced path's (``tests/test_inference_latent_density.py``, float32 and
+float64). Why this and not the alternatives (measured by ``python bench/latent_gradient.py
+--variants``): ``torch.func.grad`` over the eager trace keeps all of the Python; replaying the
+forward and backward captured by ``make_fx`` runs one Python call per ATen operation; and
+``torch.compile`` breaks its graph inside Pyro's handlers and takes tens of seconds to compile a
+graph that then runs no faster on CPU.
+
+Backward passes
+    :meth:`LatentDensity.evaluate` (HMC, Monte Carlo EM) takes **one** backward pass, of
+    Σ log p_θ(x, u). :meth:`LatentDensity.evaluate_components` (AIS and BDMC, which need both
+    gradients to move a chain from β_{t-1} to β_t without evaluating the model again) takes the
+    likelihood's backward, which crosses the decoder, and the prior's, which crosses only the
+    prior's few element-wise operations; the prior's is taken first with the graph kept.
+
+A program the tracer cannot record, or whose replay does not reproduce the eager values on a
+second, different input (a trace that baked in data-dependent control flow), falls back to the
+eager trace with a one-line warning; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, NamedTuple
+
+import pyro
+import torch
+from torch import nn
+
+from vaebench.errors import VaebenchError
+
+CACHE_SIZE = 8
+"""Compiled programs kept per model (one per input signature; a run usually needs two or three)."""
+
+
+class Evaluation(NamedTuple):
+    """A target evaluated at a position: log density, its gradient, and cached extras per chain."""
+
+    log_density: torch.Tensor
+    grad: torch.Tensor
+    aux: tuple[torch.Tensor, ...] = ()
+
+
+class ComponentEvaluation(NamedTuple):
+    """log p(u), log p_θ(x|u) ``[..., n]`` and their gradients ``[..., n, D]``, all detached."""
+
+    log_prior: torch.Tensor
+    log_likelihood: torch.Tensor
+    grad_prior: torch.Tensor
+    grad_likelihood: torch.Tensor
+
+
+class _SiteLogProbs(nn.Module):
+    """``forward(x, u) = model.site_log_probs(x, u)`` as a module, so tracing keeps θ as parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.site_log_probs(x, u)
+
+
+def jit_available() -> bool:
+    """Whether this PyTorch still provides :func:`torch.jit.trace`."""
+    return callable(getattr(getattr(torch, "jit", None), "trace", None))
+
+
+class CompiledSiteLogProbs:
+    """``(x, u) -> (log p(u), log p_θ(x|u))`` of one model, compiled once per input signature.
+
+    Parameters
+    ----------
+    model
+        A :class:`vaebench.model.LatentModel` (anything with ``site_log_probs(x, u)``).
+    compiled
+        Replay a :func:`torch.jit.trace` (default); ``False`` runs the Pyro trace on every call.
+    cache_size
+        Compiled programs kept, least recently used evicted first.
+
+    Notes
+    -----
+    The program holds the model, not copies of its parameters, so a training step's update is
+    seen by the next call (:meth:`vaebench.model.LatentModel.latent_density` keeps one per model,
+    dropped when the model is pickled or copied). It is keyed on the shapes, dtype and device of ``x`` and ``u`` and on whether autograd is recording,
+    so moving the model, changing the batch or the number of chains retraces.
+    """
+
+    def __init__(self, model: nn.Module, compiled: bool = True, cache_size: int = CACHE_SIZE) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.model = model
+        self.compiled = compiled and jit_available()
+        self.cache_size = cache_size
+        self._programs: OrderedDict[Hashable, Callable[..., Any] | None] = OrderedDict()
+        self.fallback_reason: str | None = None
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        if not self.compiled or self.fallback_reason is not None:
+            return model.site_log_probs(x, u)
+        key = (tuple(x.shape), tuple(u.shape), x.dtype, u.dtype, x.device, torch.is_grad_enabled(),
+               u.requires_grad)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._compile(model, x, u)
+            if program is None:
+                return model.site_log_probs(x, u)
+            self._programs[key] = program
+            while len(self._programs) > self.cache_size:
+                self._programs.popitem(last=False)
+        else:
+            self._programs.move_to_end(key)
+        return program(x, u)
+
+    def _compile(self, model: nn.Module, x: torch.Tensor, u: torch.Tensor) -> Callable[..., Any] | None:
+        """Trace the program at this signature, check it on a second input; ``None`` (and a warning) if it fails."""
+        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
+            if x.device.type == "cuda" else []
+        try:
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), \
+                    pyro.validation_enabled(False):
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                program = torch.jit.trace(_SiteLogProbs(model), (x, u), check_trace=False)
+                probe = (u.detach() * 0.5 + 0.25).requires_grad_(u.requires_grad)
+                with torch.no_grad():
+                    expected = model.site_log_probs(x, probe)
+                    replayed = program(x, probe)
+                for want, got in zip(expected, replayed):
+                    if not torch.allclose(want, got, rtol=1e-5, atol=1e-5, equal_nan=True):
+                        raise VaebenchError("the replayed trace does not reproduce the eager log-density "
+                                            "(data-dependent control flow?)")
+            return program
+        except Exception as exc:        # a user program the tracer cannot record: run it eagerly
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.fallback_reason = message
+            name = getattr(getattr(model, "config", None), "model", type(model).__name__)
+            warnings.warn(f"vaebench: the latent log-density of model {name!r} cannot be compiled ({message}); "
+                          "using the eager Pyro trace (same numbers, slower)", stacklevel=4)
+            return None
+
+    def clear(self) -> None:
+        """Drop every compiled program."""
+        self._programs.clear()
+
+
+class LatentDensity:
+    """The latent log-density of one batch ``x``: values and gradients with respect to u.
+
+    Parameters
+    ----------
+    site_log_probs
+        ``(x, u) -> (log p(u), log p_θ(x|u))``, compiled (:class:`CompiledSiteLogProbs`) or eager.
+    x
+        The batch ``[n, P]`` the density conditions on.
+
+    Calling the object gives log p_θ(x, u) ``[..., n]`` (differentiable, also in θ: Monte Carlo EM's
+    M-step uses it); it is a log-density function for :mod:`vaebench.inference.hmc` (which uses
+    :meth:`evaluate`) and, through :meth:`components`, the prior/likelihood split for
+    :mod:`vaebench.inference.ais` (which uses :meth:`evaluate_components`).
+    """
+
+    def __init__(self, site_log_probs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 x: torch.Tensor) -> None:
+        self.site_log_probs = site_log_probs
+        self.x = x
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        log_prior, log_lik = self.site_log_probs(self.x, u)
+        return log_prior + log_lik
+
+    def components(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(u), log p_θ(x|u)), each ``[..., n]``."""
+        return self.site_log_probs(self.x, u)
+
+    def evaluate(self, position: torch.Tensor) -> Evaluation:
+        """log p_θ(x, u) and ∇_u of it at ``position``, one backward pass (works inside ``no_grad``)."""
+        with torch.enable_grad():
+            u = position.detach().requires_grad_(True)
+            value = self(u)
+            (grad,) = torch.autograd.grad(value.sum(), u)
+        return Evaluation(value.detach(), grad)
+
+    def evaluate_components(self, position: torch.Tensor) -> ComponentEvaluation:
+        """Both terms and both gradients at ``position`` (the prior's backward is the cheap one)."""
+        with torch.enable_grad():
+            u = position.detach().requires_grad_(True)
+            log_prior, log_lik = self.site_log_probs(self.x, u)
+            (grad_prior,) = torch.autograd.grad(log_prior.sum(), u, retain_graph=True)
+            (grad_lik,) = torch.autograd.grad(log_lik.sum(), u)
+        return ComponentEvaluation(log_prior.detach(), log_lik.detach(), grad_prior, grad_lik)
+
+
+__all__ = ["CompiledSiteLogProbs", "ComponentEvaluation", "Evaluation", "LatentDensity", "jit_available"]
