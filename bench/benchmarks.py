@@ -36,8 +36,10 @@ from vaebench.evaluation import ESTIMATORS, EstimatorSettings, evaluate
 from vaebench.model import VAE
 from vaebench.training import train
 
-from .common import (DEVICES, QUICK, STEP_METHODS, STEP_MODEL, binary_batch, measure_step_ratio,
-                     method_available, reference_step, synchronize, torch_device, training_step)
+from .common import (DEVICES, QUICK, STEP_METHODS, STEP_MODEL, binary_batch, gradient_flops, gradient_model,
+                     latent_gradient, measure_step_ratio, median_ratio, method_available, paired_blocks,
+                     reference_step, synchronize, torch_device, training_step)
+from .reference import ReferenceLatentGradient
 
 # ------------------------------------------------------------------------------- log-likelihood
 SCORE_DATASET = "digits"
@@ -273,7 +275,8 @@ HMC_STEP_SIZE = 0.05
 
 
 class HMCTransition(_StepTiming):
-    """One batched HMC transition (``HMC_LEAPFROG`` leapfrog steps), one chain per datapoint."""
+    """One batched HMC transition (``HMC_LEAPFROG`` leapfrog steps), one chain per datapoint, on the
+    compiled latent density (``vaebench/inference/latent_density.py``)."""
 
     params = (DEVICES, BATCHES)
     param_names = ["device", "batch"]
@@ -288,7 +291,8 @@ class HMCTransition(_StepTiming):
         model = VAE(ModelConfig(**{**STEP_MODEL.to_dict(), "encoder": False})).to(self.device)
         x = binary_batch(batch, model.config.data_dim, self.device)
         self.hmc = hmc
-        self.log_density = lambda z: model.log_joint(x, z)
+        self.log_density = model.latent_density(x) if hasattr(model, "latent_density") else \
+            (lambda z: model.log_joint(x, z))
         self.generator = torch.Generator(device=self.device).manual_seed(0)
         z0 = model.sample_prior(x, 1, self.generator)[0]
         self.state = hmc.init(z0, self.log_density, step_size=HMC_STEP_SIZE)
@@ -334,3 +338,113 @@ class AISCost:
             synchronize(self.device)
             best = min(best, time.perf_counter() - start)
         return best / batch
+
+
+# ------------------------------------------------------------------------------ latent gradients
+GRADIENT_ROWS = [100, 1600, 6400, 10000]
+CPU_MAX_GRADIENT_ROWS = 100 if QUICK else 6400
+GRADIENT_PATHS = ["compiled", "traced", "hand-written"]
+
+
+def _gradient_call(path: str, device: torch.device, rows: int):
+    """``() -> ∇_u log p(x, u)`` of the 784-200-200-50 decoder at ``rows`` rows, the ``path`` way."""
+    model = gradient_model(device)
+    x = binary_batch(rows, model.config.data_dim, device)
+    u = torch.randn(rows, model.latent_dim, generator=torch.Generator().manual_seed(rows)).to(device)
+    if path == "hand-written":
+        reference = ReferenceLatentGradient(model)
+        return lambda: reference(x, u)
+    if not hasattr(model, "latent_density"):
+        raise NotImplementedError("this vaebench has no compiled latent density")
+    fn = latent_gradient("compiled" if path == "compiled" else "traced-one-pass", model, x)
+    return lambda: fn(u)
+
+
+class LatentGradient(_StepTiming):
+    """One gradient ∇_u log p_θ(x, u) (HMC's unit of work): compiled, eager-traced and hand-written.
+
+    GPU timings synchronise; fp32 with TF32 off.
+    """
+
+    params = (GRADIENT_PATHS, DEVICES, GRADIENT_ROWS)
+    param_names = ["path", "device", "rows"]
+
+    def setup(self, path: str, device: str, rows: int) -> None:
+        self.device = torch_device(device)
+        if self.device.type == "cpu" and rows > CPU_MAX_GRADIENT_ROWS:
+            raise NotImplementedError(f"{rows} rows is GPU-only (CPU runs rows <= {CPU_MAX_GRADIENT_ROWS})")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.call = _gradient_call(path, self.device, rows)
+        for _ in range(WARMUP_STEPS):
+            self.call()
+        synchronize(self.device)
+
+    def time_latent_gradient(self, path: str, device: str, rows: int) -> None:
+        self.call()
+        synchronize(self.device)
+
+
+class LatentGradientRatio:
+    """Compiled ∇_u log p(x, u) over the hand-written PyTorch gradient, and its share of the matmul
+    FLOP rate, CPU, interleaved in one process (targets: ratio <= 1.10; share >= 0.70 at n >= 1600)."""
+
+    params = ([100, 1600, 6400],)
+    param_names = ["rows"]
+    timeout = 300
+
+    def setup(self, rows: int) -> None:
+        if QUICK and rows > 100:
+            raise NotImplementedError("quick run: 100 rows only")
+        cpu = torch.device("cpu")
+        calls = {path: _gradient_call(path, cpu, rows) for path in ("compiled", "hand-written")}
+        hidden, data_dim = STEP_MODEL.hidden[-1], STEP_MODEL.data_dim
+        a, b = torch.randn(rows, hidden), torch.randn(hidden, data_dim)
+        calls["matmul"] = lambda: torch.mm(a, b)
+        repeats, block = (1, 0.0) if QUICK else (11, 0.2)
+        self.seconds = paired_blocks(calls, cpu, repeats, block)
+        self.rows = rows
+
+    def track_ratio_to_hand_written(self, rows: int) -> float:
+        return float(median_ratio(self.seconds["compiled"], self.seconds["hand-written"]))
+
+    track_ratio_to_hand_written.unit = "ratio"
+
+    def track_matmul_fraction(self, rows: int) -> float:
+        """FLOP rate of the compiled gradient's six matrix products / the rate of one plain matmul."""
+        matmul_rate = 2 * self.rows * STEP_MODEL.hidden[-1] * STEP_MODEL.data_dim / min(self.seconds["matmul"])
+        return float(gradient_flops(STEP_MODEL, self.rows) / min(self.seconds["compiled"]) / matmul_rate)
+
+    track_matmul_fraction.unit = "fraction"
+
+
+class AISThroughput:
+    """AIS gradient evaluations (chain-rows) per second, ``AIS_TIME_SETTINGS``; higher is better."""
+
+    unit = "gradient evaluations / s"
+    params = (DEVICES, [100, 1000, 10000])
+    param_names = ["device", "batch"]
+    timeout = 300
+
+    def setup(self, device: str, batch: int) -> None:
+        self.device = _check_size(device, batch)
+        if "ais" not in ESTIMATORS:
+            raise NotImplementedError("this vaebench has no ais estimator")
+        from vaebench.config import AISConfig
+        from vaebench.inference.ais import ais
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.manual_seed(0)
+        self.model = VAE(ModelConfig(**{**STEP_MODEL.to_dict(), "encoder": False})).to(self.device)
+        self.x = binary_batch(batch, self.model.config.data_dim, self.device)
+        self.config = AISConfig(**AIS_TIME_SETTINGS)
+        self.ais = ais
+        self.ais(self.model, self.x, self.config, torch.Generator(device=self.device).manual_seed(0), batch_size=batch)
+
+    def track_ais_gradient_evaluations_per_second(self, device: str, batch: int) -> float:
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        synchronize(self.device)
+        start = time.perf_counter()
+        result = self.ais(self.model, self.x, self.config, generator, batch_size=self.x.shape[0])
+        synchronize(self.device)
+        rows = (self.config.chains + self.config.tuning_chains) * self.x.shape[0]
+        return rows * result.gradient_evaluations / (time.perf_counter() - start)

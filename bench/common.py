@@ -186,13 +186,15 @@ def measure_step_ratio(method: str, batch: int = 100, device: str = "cpu", repea
 
 
 # ------------------------------------------------------------------------------ latent gradients
-GRADIENT_VARIANTS = ("traced", "traced-one-pass", "compiled", "compiled-components", "func-grad", "make-fx")
+GRADIENT_VARIANTS = ("traced", "traced-one-pass", "compiled", "compiled-components", "inductor",
+                     "inductor-components", "func-grad", "make-fx")
 """Ways of computing ∇_u log p_θ(x, u) from the Pyro model that ``bench/latent_gradient.py`` times.
 
 ``traced``: the eager Pyro trace with one autograd pass per component (the path before the
 compiled density); ``traced-one-pass``: the eager trace, one pass of the sum; ``compiled``: the
 compiled density's one-pass gradient (HMC, Monte Carlo EM); ``compiled-components``: its two
-gradients (AIS, BDMC); ``func-grad``: :func:`torch.func.grad_and_value` over the eager trace;
+gradients (AIS, BDMC); ``inductor`` and ``inductor-components``: the same from the inductor
+backend (``VAEBENCH_COMPILE=inductor``); ``func-grad``: :func:`torch.func.grad_and_value` over the eager trace;
 ``make-fx``: the forward and backward of ``func-grad`` captured by ``make_fx`` and replayed."""
 
 
@@ -211,9 +213,13 @@ def latent_gradient(variant: str, model: VAE, x: torch.Tensor) -> Callable[[torc
     if variant == "traced-one-pass":
         return model.latent_density(x, compiled=False).evaluate
     if variant == "compiled":
-        return model.latent_density(x).evaluate
+        return model.latent_density(x, backend="jit").evaluate
     if variant == "compiled-components":
-        return model.latent_density(x).evaluate_components
+        return model.latent_density(x, backend="jit").evaluate_components
+    if variant == "inductor":
+        return model.latent_density(x, backend="inductor").evaluate
+    if variant == "inductor-components":
+        return model.latent_density(x, backend="inductor").evaluate_components
     grad_and_value = torch.func.grad_and_value(lambda u: model.log_joint(x, u).sum())
     if variant == "func-grad":
         return grad_and_value

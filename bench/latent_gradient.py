@@ -8,11 +8,13 @@ Usage::
 
 One process. For each row count n the 784-200-200-50 Bernoulli decoder's latent gradient is
 computed the ways named by ``--variants`` (``bench/common.py``: ``GRADIENT_VARIANTS``) and by
-``bench/reference.py::ReferenceLatentGradient`` (three matrix products forward, three back, no
-autograd), timed in interleaved blocks; printed are seconds per call, the median paired ratio to
-the reference (target ≤ 1.10 for ``compiled``), the GFLOP/s of the six matrix products, and that
-rate as a fraction of a plain ``[n, 200] × [200, 784]`` matmul timed in the same blocks (target
-≥ 0.70 at n ≥ 1600). Timed GPU code synchronises; fp32 with TF32 off.
+``bench/reference.py::ReferenceLatentGradient`` -- ``hand-written`` (the log joint written directly
+in PyTorch, one autograd pass: the yardstick) and ``analytic`` (the gradient's formula, three
+matrix products forward and three back, no autograd: the floor) -- timed in interleaved blocks.
+Printed are seconds per call, the median paired ratio to ``hand-written`` (target ≤ 1.10 for
+``compiled``) and to ``analytic``, the GFLOP/s of the six matrix products, and that rate as a
+fraction of a plain ``[n, 200] × [200, 784]`` matmul timed in the same blocks (target ≥ 0.70 at
+n ≥ 1600). Timed GPU code synchronises; fp32 with TF32 off.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-seconds", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: VAEBENCH_BENCH_THREADS, else 1)")
+    parser.add_argument("--ais", nargs="*", type=int, default=[], metavar="N",
+                        help="also run AIS (T=50, L=5, 4 chains) on N datapoints at once and print its gradient "
+                             "evaluations (chain-rows) per second, compiled and traced")
     parser.add_argument("--json", action="store_true", help="one JSON object per row count")
     args = parser.parse_args(argv)
     import torch
@@ -56,27 +61,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     device = torch_device(args.device)
     model = gradient_model(device)
-    reference = ReferenceLatentGradient(model)
+    hand_written, analytic = ReferenceLatentGradient(model), ReferenceLatentGradient(model, analytic=True)
     hidden, data_dim = STEP_MODEL.hidden[-1], STEP_MODEL.data_dim
     if not args.json:
         print(f"command: python bench/latent_gradient.py {' '.join(sys.argv[1:] if argv is None else argv)}")
         print(f"784-200-200-50 Bernoulli decoder, {args.device}, {torch.get_num_threads()} thread(s), torch "
               f"{torch.__version__}, float32; ratio = variant / hand-written gradient (target <= {RATIO_TARGET} "
-              f"for compiled), matmul = [n,{hidden}]x[{hidden},{data_dim}] in the same blocks")
+              f"for compiled), floor = variant / analytic gradient, matmul = [n,{hidden}]x[{hidden},{data_dim}] in the same blocks")
     for n in args.rows:
         x = binary_batch(n, data_dim, device)
         u = torch.randn(n, STEP_MODEL.latent_dim, generator=torch.Generator().manual_seed(n)).to(device)
         a = torch.randn(n, hidden, device=device)
         b = torch.randn(hidden, data_dim, device=device)
-        calls = {"reference": lambda: reference(x, u), "matmul": lambda: torch.mm(a, b)}
+        calls = {"hand-written": lambda: hand_written(x, u), "analytic": lambda: analytic(x, u),
+                 "matmul": lambda: torch.mm(a, b)}
         calls.update({variant: (lambda fn=latent_gradient(variant, model, x): fn(u)) for variant in args.variants})
         seconds = paired_blocks(calls, device, args.repeats, args.block_seconds)
         flops = gradient_flops(STEP_MODEL, n)
         matmul_rate = 2 * n * hidden * data_dim / min(seconds["matmul"])
         rows = {}
-        for name in ["reference", *args.variants]:
+        for name in ["hand-written", "analytic", *args.variants]:
             best = min(seconds[name])
-            rows[name] = {"seconds": best, "ratio": median_ratio(seconds[name], seconds["reference"]),
+            rows[name] = {"seconds": best, "ratio": median_ratio(seconds[name], seconds["hand-written"]),
+                          "floor_ratio": median_ratio(seconds[name], seconds["analytic"]),
                           "gflops": flops / best / 1e9, "matmul_fraction": flops / best / matmul_rate}
         if args.json:
             print(json.dumps({"rows": n, "device": args.device, "threads": torch.get_num_threads(),
@@ -84,9 +91,61 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\nn = {n}: matmul {matmul_rate / 1e9:.1f} GFLOP/s")
         for name, row in rows.items():
-            print(f"  {name:20s} {row['seconds'] * 1e3:9.3f} ms  ratio {row['ratio']:.3f}  "
+            print(f"  {name:20s} {row['seconds'] * 1e3:9.3f} ms  ratio {row['ratio']:.3f}  floor {row['floor_ratio']:.3f}  "
                   f"{row['gflops']:6.1f} GFLOP/s  {row['matmul_fraction']:.2f} of matmul")
+    for n in args.ais:
+        rates = ais_throughput(model, n, device)
+        if args.json:
+            print(json.dumps({"ais_datapoints": n, "device": args.device, "gradient_evaluations_per_second": rates}))
+        else:
+            print(f"\nAIS on {n} datapoints (T=50, L=5, 4 weighted + 2 tuning chains per datapoint): gradient evaluations per second "
+                  + ", ".join(f"{path} {rate:,.0f}" for path, rate in rates.items())
+                  + f"; compiled / traced {rates['compiled'] / rates['traced']:.2f}")
     return 0
+
+
+class _TracedTarget:
+    """A model seen without its compiled density: AIS then evaluates the eager Pyro trace."""
+
+    def __init__(self, model) -> None:
+        self.model, self.latent_dim = model, model.latent_dim
+
+    def latent_density(self, x):
+        return self.model.latent_density(x, compiled=False)
+
+    def components(self, x):
+        return self.latent_density(x).components
+
+    def sample_prior(self, x, num, generator=None):
+        return self.model.sample_prior(x, num, generator)
+
+    def simulate(self, n, generator=None):
+        return self.model.simulate(n, generator)
+
+
+def ais_throughput(model, n: int, device) -> dict[str, float]:
+    """Chain-row gradient evaluations per second of one AIS run on ``n`` datapoints, compiled and traced."""
+    import time
+
+    import torch
+
+    from bench.common import synchronize
+    from vaebench.config import AISConfig
+    from vaebench.inference.ais import ais
+
+    config = AISConfig(steps=50, leapfrog=5, chains=4)
+    x = binary_batch(n, STEP_MODEL.data_dim, device)
+    rates = {}
+    for path, target in (("compiled", model), ("traced", _TracedTarget(model))):
+        ais(target, x, AISConfig(steps=2, leapfrog=1, chains=4), torch.Generator(device=device).manual_seed(0),
+            batch_size=n)                                    # compile and warm up
+        synchronize(device)
+        start = time.perf_counter()
+        result = ais(target, x, config, torch.Generator(device=device).manual_seed(0), batch_size=n)
+        synchronize(device)
+        rows = (config.chains + config.tuning_chains) * n
+        rates[path] = rows * result.gradient_evaluations / (time.perf_counter() - start)
+    return rates
 
 
 if __name__ == "__main__":

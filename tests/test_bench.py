@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VAEBENCH_BENCH_THREADS", "0")     # importing bench.common must not re-thread pytest
 
 from bench.common import StepRatio, measure_step_ratio, training_step  # noqa: E402
-from bench.reference import ReferenceStep  # noqa: E402
-from bench import step_ratio  # noqa: E402
+from bench.common import GRADIENT_VARIANTS, gradient_flops, latent_gradient  # noqa: E402
+from bench.reference import ReferenceLatentGradient, ReferenceStep  # noqa: E402
+from bench import latent_gradient as latent_gradient_script, step_ratio  # noqa: E402
 from vaebench.config import ModelConfig, TrainConfig  # noqa: E402
 from vaebench.inference.iwae import iwae_bound  # noqa: E402
 from vaebench.model import VAE  # noqa: E402
@@ -89,3 +90,36 @@ def test_step_ratio_script_prints_one_json_object_per_method(capsys):
     records = [json.loads(line) for line in lines]
     assert [r["method"] for r in records] == ["vi", "iwae-5"]
     assert all(r["network"] == "16-200-200-50" and r["ratio"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("analytic", [False, True])
+def test_the_hand_written_latent_gradient_is_the_pyro_models_gradient(analytic):
+    model = small_model()
+    x, u = binary(), torch.randn(10, SMALL.latent_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    value, grad = ReferenceLatentGradient(model, analytic=analytic)(x, u)
+    want = model.latent_density(x, compiled=False).evaluate(u)
+    torch.testing.assert_close(value, want.log_density)
+    torch.testing.assert_close(grad, want.grad)
+
+
+@pytest.mark.parametrize("variant", GRADIENT_VARIANTS)
+def test_every_timed_gradient_variant_computes_the_same_gradient(variant):
+    model = small_model()
+    model.requires_grad_(False)
+    x, u = binary(), torch.randn(10, SMALL.latent_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    out = latent_gradient(variant, model, x)(u)
+    grad = out[0] if variant in ("func-grad", "make-fx") else \
+        (out.grad if hasattr(out, "grad") else out.grad_prior + out.grad_likelihood)
+    torch.testing.assert_close(grad, model.latent_density(x, compiled=False).evaluate(u).grad)
+
+
+def test_gradient_flops_count_the_six_matrix_products():
+    assert gradient_flops(SMALL, 10) == 4 * 10 * (3 * 9 + 9 * 7 + 7 * 12)
+
+
+def test_latent_gradient_script_prints_one_json_object_per_row_count(capsys):
+    assert latent_gradient_script.main(["--rows", "8", "16", "--variants", "traced", "compiled", "--repeats", "1",
+                                        "--block-seconds", "0", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["rows"] for r in records] == [8, 16]
+    assert all(set(r["variants"]) == {"hand-written", "analytic", "traced", "compiled"} and r["matmul_gflops"] > 0 for r in records)

@@ -21,7 +21,7 @@ from vaebench import targets
 from vaebench.config import MAX_K, AISConfig, CertifyConfig
 from vaebench.data import check_binary, evaluation_data, load_dataset
 from vaebench.errors import ConfigError, DataError
-from vaebench.estimators import DEFAULT_MAX_ROWS, Progress, elbo, importance_sampling, mean_and_stderr, over_batches
+from vaebench.estimators import Progress, elbo, importance_sampling, mean_and_stderr, over_batches
 from vaebench.metrics import active_units
 from vaebench.model import LatentModel
 from vaebench.provenance import provenance, resolve_device
@@ -39,9 +39,11 @@ class EstimatorSettings:
     k
         Importance samples per datapoint (``elbo``, ``iwae``); ``None`` for the default.
     batch_size
-        Datapoints per batch.
+        Datapoints per batch; ``None`` (default): chosen from the device's free memory
+        (:func:`resolve_sizes`).
     max_rows
-        Cap on (sample × datapoint) rows per decoder call (bounds memory).
+        Cap on (sample × datapoint) rows per decoder call (IS and the ELBO); ``None`` (default):
+        chosen from the device's free memory.
     ais
         Settings of ``ais`` and ``bdmc`` (steps T, leapfrog L, chains M, schedule...);
         ``None`` for the defaults of :class:`vaebench.config.AISConfig`.
@@ -56,8 +58,8 @@ class EstimatorSettings:
     """
 
     k: int | None = None
-    batch_size: int = 100
-    max_rows: int = DEFAULT_MAX_ROWS
+    batch_size: int | None = None
+    max_rows: int | None = None
     ais: AISConfig | None = None
     progress: Progress | None = dataclasses.field(default=None, compare=False, repr=False)
     certify: CertifyConfig | None = None
@@ -177,6 +179,54 @@ def _progress_bar(estimator: str, x: torch.Tensor, settings: EstimatorSettings, 
                 leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+CPU_BATCH = 100
+"""Datapoints per batch on a CPU (more rows per call run no faster there once past the cache)."""
+MAX_AUTO_BATCH = 10000
+"""Most datapoints per batch chosen automatically (AIS on a large GPU)."""
+
+
+def resolve_sizes(model: LatentModel, x: torch.Tensor, estimator: str, settings: EstimatorSettings
+                  ) -> EstimatorSettings:
+    """``settings`` with an automatic ``batch_size`` and ``max_rows`` replaced by numbers that fit the device.
+
+    IS and the ELBO evaluate (sample × datapoint) rows: ``max_rows`` is what fits in
+    :data:`vaebench.memory.MEMORY_FRACTION` of the free memory, measured by probing
+    log p(x, z) − log q(z|x) on a few rows, up to the device's preferred size (32,768 rows on a CPU
+    -- the fixed cap vaebench used before -- and 2^20 on CUDA); datapoints per batch are
+    :data:`CPU_BATCH` on a CPU and ``max_rows // k`` (at least 100) on CUDA. AIS and BDMC run
+    (chains + tuning chains) rows per datapoint, each holding the autograd graph of one gradient
+    evaluation: the batch is what fits, up to :data:`CPU_BATCH` datapoints on a CPU and
+    :data:`MAX_AUTO_BATCH` on CUDA. Explicit numbers are kept. The sizes change the random draws,
+    so :func:`evaluate` records them.
+    """
+    from vaebench.memory import PROBE_ROWS, rows_that_fit
+
+    device, n = x.device, max(1, x.shape[0])
+    on_cpu = device.type != "cuda"
+    sample = x[torch.arange(2 * PROBE_ROWS, device=device) % n]          # probe rows: the data, repeated
+    if estimator in ENCODER_ESTIMATORS:
+        k = settings.k or DEFAULT_K[estimator]
+        max_rows = settings.max_rows
+        if max_rows is None:
+            def probe(rows: int) -> None:
+                with torch.no_grad():
+                    model.log_joint(sample[:rows], model.encoder_proposal(sample[:rows], 1)[0])
+            max_rows = rows_that_fit(probe, device)
+        batch = settings.batch_size or (CPU_BATCH if on_cpu else max(CPU_BATCH, min(n, max_rows // k)))
+        return dataclasses.replace(settings, max_rows=max_rows, batch_size=batch)
+    if estimator in AIS_ESTIMATORS and settings.batch_size is None:
+        config = settings.ais or AISConfig()
+        chains = config.chains + config.tuning_chains
+
+        def probe(rows: int) -> None:
+            u = torch.zeros(rows, model.latent_dim, dtype=x.dtype, device=device)
+            model.latent_density(sample[:rows], compiled=False).evaluate_components(u)
+        rows = rows_that_fit(probe, device)
+        batch = max(1, min(CPU_BATCH if on_cpu else MAX_AUTO_BATCH, rows // chains))
+        return dataclasses.replace(settings, batch_size=batch)
+    return dataclasses.replace(settings, batch_size=settings.batch_size or CPU_BATCH)
+
+
 def evaluate(model: LatentModel, x: torch.Tensor, estimator: str, settings: EstimatorSettings = EstimatorSettings(),
              seed: int = 0, progress: bool | None = False) -> dict[str, Any]:
     """Score ``model`` on data ``x`` with ``estimator``.
@@ -200,6 +250,8 @@ def evaluate(model: LatentModel, x: torch.Tensor, estimator: str, settings: Esti
     if settings.ais is not None and estimator not in AIS_ESTIMATORS:
         raise ConfigError(f"AIS settings (--steps, --leapfrog, --chains, --schedule) apply to --estimator ais or "
                           f"bdmc, not {estimator}")
+    if settings.max_rows is not None and estimator not in ENCODER_ESTIMATORS:
+        raise ConfigError(f"--max-rows applies to --estimator elbo or iwae, not {estimator}")
     if settings.certify is not None and estimator != "ais":
         raise ConfigError(f"certification (--certify-points, --max-steps, --gap-tolerance) applies to "
                           f"--estimator ais, not {estimator}")
@@ -207,6 +259,7 @@ def evaluate(model: LatentModel, x: torch.Tensor, estimator: str, settings: Esti
         check_binary(x, "evaluation data")
     elif not torch.isfinite(x).all():
         raise DataError("evaluation data contains NaN or infinite values")
+    settings = resolve_sizes(model, x, estimator, settings)
     bar = _progress_bar(estimator, x, settings, progress)
     if bar is not None:
         settings = dataclasses.replace(settings, progress=bar.update)
@@ -223,7 +276,9 @@ def evaluate(model: LatentModel, x: torch.Tensor, estimator: str, settings: Esti
     seconds = time.perf_counter() - start
     mean, stderr = mean_and_stderr(values)
     result = {"estimator": estimator, "k": extra.pop("k"), "n": int(x.shape[0]), "log_likelihood": mean,
-              "stderr": stderr, "seconds": seconds, "seed": seed, **extra}
+              "stderr": stderr, "seconds": seconds, "seed": seed, "batch_size": settings.batch_size, **extra}
+    if estimator in ENCODER_ESTIMATORS:
+        result["max_rows"] = settings.max_rows
     if model.has_encoder and estimator not in SIMULATED_ESTIMATORS:
         result["active_units"] = active_units(model, x)
     return result

@@ -28,7 +28,8 @@ from torch.func import functional_call
 
 from vaebench.config import ModelConfig
 from vaebench.errors import ConfigError
-from vaebench.inference.latent_density import CompiledSiteLogProbs, LatentDensity
+from vaebench.inference.latent_density import (BACKENDS, CompiledSiteLogProbs, InductorGradients, LatentDensity,
+                                               default_backend)
 from vaebench.models.builtin import ARCHITECTURE_MODELS
 from vaebench.models.contract import (LatentSpace, ModelContractError, _sample_sites, check_guide,
                                       inspect_model, placeholder_batch)
@@ -207,26 +208,35 @@ class LatentModel(nn.Module):
         """``u -> (log p(u), log p_θ(x|u))``: the split AIS anneals (compiled, see :meth:`latent_density`)."""
         return self.latent_density(x).components
 
-    def latent_density(self, x: torch.Tensor, compiled: bool = True) -> LatentDensity:
+    def latent_density(self, x: torch.Tensor, compiled: bool = True, backend: str | None = None) -> LatentDensity:
         """log p_θ(x, u) of the batch ``x`` as a function of u, with its gradients: the target of HMC,
         AIS, BDMC and Monte Carlo EM.
 
-        With ``compiled`` (default) the conditioned Pyro trace is replayed from a
-        :func:`torch.jit.trace` recorded once per input signature
-        (:class:`~vaebench.inference.latent_density.CompiledSiteLogProbs`); the values and
-        gradients are those of :meth:`site_log_probs`. A program that cannot be compiled falls back
-        to :meth:`site_log_probs` with a one-line warning.
+        ``backend`` (default: the process's, :func:`~vaebench.inference.latent_density.default_backend`)
+        is ``jit`` -- the conditioned Pyro trace replayed from a :func:`torch.jit.trace` recorded
+        once per input signature (:class:`~vaebench.inference.latent_density.CompiledSiteLogProbs`)
+        --, ``inductor`` -- the gradients from inductor-compiled forward+backward graphs, values and
+        the differentiable call from the ``jit`` replay -- or ``eager`` (also ``compiled=False``):
+        :meth:`site_log_probs` on every call. Every backend gives the values and gradients of
+        :meth:`site_log_probs` (``inductor`` up to rounding); one that cannot compile a program
+        falls back with a one-line warning.
         """
-        if not compiled:
+        backend = default_backend() if backend is None else backend
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown latent-density backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if not compiled or backend == "eager":
             return LatentDensity(self.site_log_probs, x)
-        if self.__dict__.get("_compiled_site_log_probs") is None:
-            self.__dict__["_compiled_site_log_probs"] = CompiledSiteLogProbs(self)
-        return LatentDensity(self.__dict__["_compiled_site_log_probs"], x)
+        cache = self.__dict__.setdefault("_compiled_site_log_probs", CompiledSiteLogProbs(self))
+        gradients = None
+        if backend == "inductor":
+            gradients = self.__dict__.setdefault("_inductor_gradients", InductorGradients(self))
+        return LatentDensity(cache, x, gradients)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_compiled_site_log_probs", None)       # compiled programs are rebuilt on demand
+        state.pop("_inductor_gradients", None)
         return state
 
     def log_prior(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

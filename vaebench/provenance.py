@@ -64,5 +64,8 @@ def versions() -> dict[str, str]:
 
 def provenance(device: torch.device) -> dict[str, Any]:
     """Versions, git commit, device, command line and UTC time of this process."""
+    from vaebench.inference.latent_density import default_backend
+
     return {"versions": versions(), "git_commit": git_commit(), "device": device_description(device),
+            "latent_density_backend": default_backend(),
             "command": " ".join(sys.argv), "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -50,6 +50,7 @@ from torch import nn
 
 from vaebench.errors import VaebenchError
 from vaebench.estimators import log_weights
+from vaebench.inference.latent_density import jit_available
 from vaebench.model import LatentModel
 
 DEFAULT_CACHE_SIZE = 8
@@ -77,11 +78,6 @@ class _LogWeightsProgram(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return eager_log_weights(self.model, x, self.k, self.detach_encoder)
-
-
-def jit_available() -> bool:
-    """Whether this PyTorch still provides :func:`torch.jit.trace`."""
-    return callable(getattr(getattr(torch, "jit", None), "trace", None))
 
 
 class CompiledLogWeights:

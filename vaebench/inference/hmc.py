@@ -334,7 +334,7 @@ class HMCDiagnostics:
     gradient_evaluations
         Gradient evaluations per chain, warm-up and step-size search included.
     seconds
-        Wall-clock time of the whole run, warm-up included.
+        Wall-clock time of the sampling, warm-up and step-size search included (not the ESS and R-hat).
     """
 
     acceptance_rate: torch.Tensor
@@ -411,13 +411,24 @@ def per_datapoint_diagnostics(samples: torch.Tensor) -> tuple[torch.Tensor | Non
     """ESS and split R-hat per datapoint and dimension from draws ``[S, ..., n, D]``.
 
     Leading dimensions between the sample and datapoint dimensions are that datapoint's chains;
-    both statistics come from ``pyro.ops.stats``.
+    both statistics come from ``pyro.ops.stats``, computed :data:`DIAGNOSTIC_CHUNK` datapoints at
+    a time (the FFT behind the ESS needs several float64 copies of the draws).
     """
     num = samples.shape[0]
-    chains = samples.reshape(num, -1, *samples.shape[-2:]).double()    # [S, M, n, D]
-    ess = effective_sample_size(chains, chain_dim=1, sample_dim=0) if num >= 2 else None
-    rhat = split_gelman_rubin(chains, chain_dim=1, sample_dim=0) if num >= 4 else None
-    return ess, rhat
+    chains = samples.reshape(num, -1, *samples.shape[-2:])                # [S, M, n, D]
+    if num < 2:
+        return None, None
+    ess, rhat = [], []
+    for i in range(0, chains.shape[-2], DIAGNOSTIC_CHUNK):
+        part = chains[..., i:i + DIAGNOSTIC_CHUNK, :].double()
+        ess.append(effective_sample_size(part, chain_dim=1, sample_dim=0))
+        if num >= 4:
+            rhat.append(split_gelman_rubin(part, chain_dim=1, sample_dim=0))
+    return torch.cat(ess, dim=-2), (torch.cat(rhat, dim=-2) if rhat else None)
+
+
+DIAGNOSTIC_CHUNK = 64
+"""Datapoints whose ESS and R-hat :func:`per_datapoint_diagnostics` computes at once."""
 
 
 def sample(log_density_fn: LogDensityFn | Any, initial_position: torch.Tensor, config: HMCConfig,
@@ -485,12 +496,13 @@ def sample(log_density_fn: LogDensityFn | Any, initial_position: torch.Tensor, c
         divergences += info.divergent.long()
         if draws is not None:
             draws.append(state.position)
-    samples = torch.stack(draws) if draws else None
-    ess, rhat = per_datapoint_diagnostics(samples) if samples is not None else (None, None)
     if state.position.is_cuda:
         torch.cuda.synchronize(state.position.device)
+    seconds = time.perf_counter() - start                  # sampling time (the diagnostics are not sampling)
+    samples = torch.stack(draws) if draws else None
+    ess, rhat = per_datapoint_diagnostics(samples) if samples is not None else (None, None)
     diagnostics = HMCDiagnostics(accept_sum / config.num_samples, state.step_size, divergences,
-                                 warmup_divergences, ess, rhat, calls, time.perf_counter() - start)
+                                 warmup_divergences, ess, rhat, calls, seconds)
     return HMCResult(samples, state, diagnostics)
 
 
