@@ -143,6 +143,7 @@ def record(ctx: Context, stage: Stage, saved: Mapping[str, Any], metrics: Mappin
 def score(ctx: Context, vae: LatentModel, name: str, settings: evaluation.EstimatorSettings, seed: int
           ) -> tuple[torch.Tensor, dict[str, Any], float]:
     """Per-datapoint values of registered estimator ``name`` (as :func:`evaluation.evaluate` runs it)."""
+    settings = evaluation.resolve_sizes(vae, ctx.x_test, name, settings)     # automatic sizes, from free memory
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
