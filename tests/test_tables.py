@@ -136,3 +136,12 @@ def test_cli_table(tmp_path, records, capsys):
     assert err.startswith("vaebench: error: unknown --by column(s) methd") and err.count("\n") == 1
     assert cli.main(["table", str(tmp_path), "--columns", "elbo,bogus"]) == 2
     assert "unknown column(s) bogus" in capsys.readouterr().err
+
+
+def test_row_order_does_not_depend_on_the_order_stages_finished(records):
+    """Parallel workers append records in any order; the table's rows are fixed: method, guide, k."""
+    finished = list(reversed(records))
+    hmc = make("hmc", 1, 0, values=next(iter(NUMBERS.values())))
+    table = comparison_table([hmc, *finished])
+    assert list(zip(table["method"], table["k"])) == [("vi", 1), ("iwae", 5), ("hmc", 1)]
+    pd.testing.assert_frame_equal(comparison_table(records + [hmc]), table)

@@ -116,6 +116,7 @@ def comparison_table(records: Sequence[Mapping[str, Any]], by: Sequence[str] = D
     if not by:
         raise ResultsError("--by needs at least one column")
     rows = []
+    frame = canonical_order(frame)
     for group_key, group in frame.groupby(list(by), sort=False, dropna=False):
         keys = group_key if isinstance(group_key, tuple) else (group_key,)
         row: dict[str, Any] = dict(zip(by, keys))
@@ -138,6 +139,23 @@ def comparison_table(records: Sequence[Mapping[str, Any]], by: Sequence[str] = D
     if "k" in table:
         table["k"] = table["k"].astype("Int64")
     return table
+
+
+def canonical_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in a fixed order -- method (vi, iwae, hmc, then others), guide (gaussian first), k, seed --
+    so a table does not depend on the order in which parallel stages happened to finish."""
+    from vaebench.config import METHODS
+
+    keys = pd.DataFrame(index=frame.index)
+    methods = frame["method"].astype(str).str.split("+").str[0] if "method" in frame else pd.Series("", frame.index)
+    keys["method"] = [METHODS.index(m) if m in METHODS else len(METHODS) for m in methods]
+    guides = frame["guide"] if "guide" in frame else pd.Series("gaussian", frame.index)
+    keys["guide_rank"] = [0 if pd.isna(g) or g == "gaussian" else 1 for g in guides]
+    keys["guide"] = [("" if pd.isna(g) else str(g)) for g in guides]
+    keys["k"] = pd.to_numeric(frame["k"], errors="coerce") if "k" in frame else 0
+    keys["seed"] = pd.to_numeric(frame["seed"], errors="coerce") if "seed" in frame else 0
+    order = keys.sort_values(list(keys.columns), kind="stable", na_position="last").index
+    return frame.loc[order]
 
 
 def _cell(mean: float, se: float | None, digits: int, latex: bool) -> str:
