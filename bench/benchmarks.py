@@ -306,6 +306,21 @@ class HMCTransition(_StepTiming):
 AIS_TIME_SETTINGS = {"steps": 2, "leapfrog": 2, "chains": 2} if QUICK else {"steps": 50, "leapfrog": 5, "chains": 4}
 
 
+def _ais_setup(bench: object, device: str, batch: int) -> None:
+    """Give an AIS benchmark its device, a fresh 784-200-200-50 decoder, ``batch`` images and the AIS settings."""
+    bench.device = _check_size(device, batch)
+    if "ais" not in ESTIMATORS:
+        raise NotImplementedError("this vaebench has no ais estimator")
+    from vaebench.config import AISConfig
+    from vaebench.inference.ais import ais
+
+    torch.manual_seed(0)
+    bench.model = VAE(ModelConfig(**{**STEP_MODEL.to_dict(), "encoder": False})).to(bench.device)
+    bench.x = binary_batch(batch, bench.model.config.data_dim, bench.device)
+    bench.config = AISConfig(**AIS_TIME_SETTINGS)
+    bench.ais = ais
+
+
 class AISCost:
     """Seconds of AIS per datapoint (``AIS_TIME_SETTINGS``, batch of datapoints at once, fastest of 3 runs)."""
 
@@ -315,17 +330,7 @@ class AISCost:
     timeout = 300
 
     def setup(self, device: str, batch: int) -> None:
-        self.device = _check_size(device, batch)
-        if "ais" not in ESTIMATORS:
-            raise NotImplementedError("this vaebench has no ais estimator")
-        from vaebench.config import AISConfig
-        from vaebench.inference.ais import ais
-
-        torch.manual_seed(0)
-        self.model = VAE(ModelConfig(**{**STEP_MODEL.to_dict(), "encoder": False})).to(self.device)
-        self.x = binary_batch(batch, self.model.config.data_dim, self.device)
-        self.config = AISConfig(**AIS_TIME_SETTINGS)
-        self.ais = ais
+        _ais_setup(self, device, batch)
 
     def track_ais_seconds_per_datapoint(self, device: str, batch: int) -> float:
         generator = torch.Generator(device=self.device).manual_seed(0)
@@ -426,18 +431,8 @@ class AISThroughput:
     timeout = 300
 
     def setup(self, device: str, batch: int) -> None:
-        self.device = _check_size(device, batch)
-        if "ais" not in ESTIMATORS:
-            raise NotImplementedError("this vaebench has no ais estimator")
-        from vaebench.config import AISConfig
-        from vaebench.inference.ais import ais
-
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.manual_seed(0)
-        self.model = VAE(ModelConfig(**{**STEP_MODEL.to_dict(), "encoder": False})).to(self.device)
-        self.x = binary_batch(batch, self.model.config.data_dim, self.device)
-        self.config = AISConfig(**AIS_TIME_SETTINGS)
-        self.ais = ais
+        _ais_setup(self, device, batch)
         self.ais(self.model, self.x, self.config, torch.Generator(device=self.device).manual_seed(0), batch_size=batch)
 
     def track_ais_gradient_evaluations_per_second(self, device: str, batch: int) -> float:

@@ -248,6 +248,17 @@ def gradient_flops(model_config: ModelConfig, rows: int) -> int:
     return 4 * rows * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
+def apply_script_options(parser, args, script: str) -> None:
+    """The ``--threads`` and ``--device`` options every benchmark script takes: set the threads, refuse
+    a missing GPU (exit 2), and turn TF32 off so GPU timings are of fp32 arithmetic."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, f"{script}: error: no CUDA device\n")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def paired_blocks(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int = 15,
                   block_seconds: float = 0.2, warmup: int = 3) -> dict[str, list[float]]:
     """Seconds per call of each function, timed in interleaved blocks (the order rotates each repetition).

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (GRADIENT_VARIANTS, STEP_MODEL, binary_batch, gradient_flops, gradient_model,  # noqa: E402
+from bench.common import (GRADIENT_VARIANTS, STEP_MODEL, apply_script_options, binary_batch, gradient_flops, gradient_model,  # noqa: E402
                           latent_gradient, median_ratio, paired_blocks, torch_device)
 from bench.reference import ReferenceLatentGradient  # noqa: E402
 
@@ -54,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "latent_gradient.py: error: no CUDA device\n")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    apply_script_options(parser, args, "latent_gradient.py")
     device = torch_device(args.device)
     model = gradient_model(device)
     hand_written, analytic = ReferenceLatentGradient(model), ReferenceLatentGradient(model, analytic=True)

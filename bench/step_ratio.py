@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import STEP_MODEL, measure_step_ratio  # noqa: E402
+from bench.common import STEP_MODEL, apply_script_options, measure_step_ratio  # noqa: E402
 from vaebench.config import ModelConfig  # noqa: E402
 
 TARGET = 1.10
@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "step_ratio.py: error: no CUDA device\n")
+    apply_script_options(parser, args, "step_ratio.py")
     model_config = ModelConfig(**{**STEP_MODEL.to_dict(), "data_dim": args.data_dim})
     arch = "-".join(map(str, (model_config.data_dim, *model_config.hidden, model_config.latent_dim)))
     if not args.json:

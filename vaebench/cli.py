@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_compile_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=("jit", "inductor", "eager"), default=None,
                    help="how HMC, AIS and BDMC compute the latent log-density's gradient: jit (default, "
-                        "$VAEBENCH_COMPILE), inductor (fused kernels, 15-25%% faster after 4-8 s of compilation per "
+                        "$VAEBENCH_COMPILE), inductor (fused kernels, 15-25%% faster after 4-12 s of compilation per "
                         "batch shape; needs a C++ compiler) or eager (the Pyro trace); recorded in the provenance")
 
 

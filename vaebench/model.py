@@ -226,11 +226,14 @@ class LatentModel(nn.Module):
             raise ConfigError(f"unknown latent-density backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if not compiled or backend == "eager":
             return LatentDensity(self.site_log_probs, x)
-        cache = self.__dict__.setdefault("_compiled_site_log_probs", CompiledSiteLogProbs(self))
+        if "_compiled_site_log_probs" not in self.__dict__:          # built once per model, not per batch
+            self.__dict__["_compiled_site_log_probs"] = CompiledSiteLogProbs(self)
         gradients = None
         if backend == "inductor":
-            gradients = self.__dict__.setdefault("_inductor_gradients", InductorGradients(self))
-        return LatentDensity(cache, x, gradients)
+            if "_inductor_gradients" not in self.__dict__:
+                self.__dict__["_inductor_gradients"] = InductorGradients(self)
+            gradients = self.__dict__["_inductor_gradients"]
+        return LatentDensity(self.__dict__["_compiled_site_log_probs"], x, gradients)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()

@@ -42,7 +42,7 @@ Backends
     :func:`torch.func.grad_and_value`, with θ as inputs so updates are seen) and compiled by
     :func:`torch.compile`'s inductor, which fuses the element-wise work around the matrix products:
     about 15-25 % faster than ``jit`` on the 784-200-200-50 decoder (``bench/latent_gradient.py
-    --variants compiled inductor``), for 4-8 s of compilation per signature and a C++ compiler at
+    --variants compiled inductor``), for 4-12 s of compilation per signature and a C++ compiler at
     run time; worth it for long HMC and AIS runs. Its values equal the traced path's up to
     floating-point rounding (the fused kernels sum in another order). A graph inductor cannot
     compile falls back to ``jit`` with a one-line warning. ``eager``: the Pyro trace on every call.
